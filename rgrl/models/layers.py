@@ -1,0 +1,191 @@
+"""Building blocks shared by the native Dream and LLaDA models.
+
+Both checkpoints are pre-norm transformers with RMSNorm, rotary position embeddings, a gated (SwiGLU-style) MLP and
+full bidirectional self-attention; they differ in module names and a few switches. The math lives here once; the
+modeling files only arrange it under each checkpoint's parameter names.
+
+Shapes: B batch, L sequence length, H query heads, Hkv key/value heads, D head dim.
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+# RoPE variants whose frequencies change with the sequence length at run time; nothing here updates them.
+_RUNTIME_ROPE_TYPES = ("dynamic", "longrope")
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm: x / rms(x) computed in float32, cast back to the input dtype, then scaled."""
+
+    def __init__(self, hidden_size: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}"
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables of rotary position embeddings for arbitrary (e.g. left-padding-aware) position ids.
+
+    `rope_parameters` is a transformers RoPE dict ({"rope_type", "rope_theta", ...}). "default" is computed here; the
+    static scaled variants ("linear", "yarn", "llama3", ...) come from transformers' `ROPE_INIT_FUNCTIONS`, which
+    read `config`.
+    """
+
+    def __init__(self, config, head_dim: int, rope_parameters: dict):
+        super().__init__()
+        self.config = config
+        self.head_dim = head_dim
+        self.rope_parameters = rope_parameters
+        self.rope_type = rope_parameters.get("rope_type", "default")
+        if self.rope_type != "default" and self.rope_type not in ROPE_INIT_FUNCTIONS:
+            raise ValueError(f"Unknown RoPE type {self.rope_type!r}.")
+        if self.rope_type in _RUNTIME_ROPE_TYPES:
+            raise ValueError(f"RoPE type {self.rope_type!r} rescales with the sequence length and is not supported.")
+        inv_freq, self.attention_scaling = self.compute_inv_freq()
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def compute_inv_freq(self) -> tuple[torch.Tensor, float]:
+        """Inverse frequencies [D/2] (float32, CPU) and the cos/sin scaling factor of the RoPE variant."""
+        if self.rope_type == "default":
+            exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
+            return 1.0 / (self.rope_parameters["rope_theta"] ** exponents), 1.0
+        return ROPE_INIT_FUNCTIONS[self.rope_type](self.config)
+
+    def reset_inv_freq(self) -> None:
+        """Recompute the buffer, e.g. after the model was materialised from the meta device."""
+        init.copy_(self.inv_freq, self.compute_inv_freq()[0])
+
+    @torch.no_grad()
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """position_ids [B, L] -> (cos, sin), each [B, L, D] in `dtype` (angles are always computed in float32)."""
+        angles = position_ids[..., None].float() * self.inv_freq.float()
+        angles = torch.cat((angles, angles), dim=-1)
+        cos, sin = angles.cos() * self.attention_scaling, angles.sin() * self.attention_scaling
+        return cos.to(dtype), sin.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x [B, heads, L, D] by cos/sin [B, L, D]; the rotation runs in cos's dtype, the result has x's."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    rotated = x.to(cos.dtype)
+    return (rotated * cos + rotate_half(rotated) * sin).to(x.dtype)
+
+
+def gated_mlp(x: torch.Tensor, gate: nn.Module, up: nn.Module, down: nn.Module, act: Callable) -> torch.Tensor:
+    """down(act(gate(x)) * up(x)): SwiGLU when act is SiLU."""
+    return down(act(gate(x)) * up(x))
+
+
+def eager_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain softmax attention. query [B, H, L, D], key/value [B, Hkv, L, D], mask additive [B, 1, L, L].
+
+    Returns the output [B, L, H, D] (the layout every transformers attention backend returns) and the weights.
+    """
+    key = key.repeat_interleave(module.num_key_value_groups, dim=1)
+    value = value.repeat_interleave(module.num_key_value_groups, dim=1)
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask
+    weights = nn.functional.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = nn.functional.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
+
+
+def bidirectional_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    attention_mask: torch.Tensor | None,
+) -> torch.Tensor:
+    """Full (non-causal) multi-head attention over projected q [B, L, H*D] and k/v [B, L, Hkv*D] -> [B, L, H*D].
+
+    `module` is the layer owning the projections; it is what transformers' attention backends receive, so it carries
+    `config` (for `_attn_implementation`), `head_dim`, `num_key_value_groups`, `attention_dropout` and
+    `is_causal = False`. The mask comes from `bidirectional_attention_mask`.
+    """
+    batch, length = query.shape[:2]
+    query, key, value = (t.view(batch, length, -1, module.head_dim).transpose(1, 2) for t in (query, key, value))
+    cos, sin = position_embeddings
+    query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+    attention = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager_attention)
+    output, _ = attention(
+        module,
+        query,
+        key,
+        value,
+        attention_mask,
+        dropout=module.attention_dropout if module.training else 0.0,
+        scaling=module.head_dim**-0.5,
+        is_causal=False,
+    )
+    return output.reshape(batch, length, -1)
+
+
+def bidirectional_attention_mask(
+    config, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None
+) -> torch.Tensor | None:
+    """Turn a padding mask into the form `config._attn_implementation` expects; every query sees every real token.
+
+    attention_mask: None (no padding), a 2-D [B, L] mask (1/True = real token, 0 = padding; pads are hidden as keys),
+    or an already built 4-D boolean [B, 1, L, L] mask (True = may attend), as upstream Dream's generation code passes.
+    """
+    if attention_mask is None:
+        return None
+    if attention_mask.ndim == 2:
+        return create_bidirectional_mask(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
+    if attention_mask.ndim == 4 and attention_mask.dtype == torch.bool:
+        implementation = config._attn_implementation
+        if implementation == "sdpa":
+            return attention_mask
+        if implementation == "eager":
+            zero = torch.zeros((), dtype=inputs_embeds.dtype, device=attention_mask.device)
+            return torch.where(attention_mask, zero, torch.finfo(inputs_embeds.dtype).min)
+        raise ValueError(
+            f"A 4-D attention mask only works with attn_implementation 'sdpa' or 'eager', not {implementation!r}; "
+            "pass the 2-D [batch, length] padding mask instead."
+        )
+    raise ValueError(
+        "attention_mask must be None, a [batch, length] padding mask, or a boolean [batch, 1, length, length] mask; "
+        f"got shape {tuple(attention_mask.shape)} and dtype {attention_mask.dtype}."
+    )
+
+
+def check_forward_kwargs(kwargs: dict) -> None:
+    """Diffusion LMs decode without a KV cache: accept `use_cache`, refuse a cache or other requests outright."""
+    kwargs.pop("use_cache", None)  # there is no cache to turn on or off
+    if kwargs.pop("past_key_values", None) is not None or kwargs.pop("cache", None) is not None:
+        raise ValueError("This masked diffusion model has no KV cache; do not pass past_key_values.")
+    if kwargs.pop("output_attentions", None):
+        raise ValueError("output_attentions is not supported by the native Dream/LLaDA models.")
+    if kwargs:
+        raise TypeError(f"Unexpected forward arguments: {sorted(kwargs)}.")

@@ -1,0 +1,142 @@
+"""Loading dLLMs and tokenizers from a local directory, a Hub id, or one of rgrl's built-in checkpoints.
+
+Checkpoint names understood everywhere a model path is accepted:
+    /abs/or/relative/dir    a local model directory (must exist)
+    org/name                a Hugging Face Hub id (downloaded by transformers, or taken from its cache)
+    tiny:<name>             a tiny offline checkpoint built on first use (see `rgrl.models.tiny`)
+    toy:<name>              a trained checkpoint of the toy world shipped with rgrl (see `rgrl.toy`)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+import torch
+from transformers import CONFIG_MAPPING, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
+
+from rgrl.models.family import DiffusionFamily, resolve_family
+
+# Full-size architecture configs, identical to the real Hub config.json files.
+ARCHITECTURES = {
+    "dream-v0-instruct-7b": "dream_v0_instruct_7b.json",
+    "llada-8b-instruct": "llada_8b_instruct.json",
+    "skywork-reward-v2-qwen3-0.6b": "skywork_reward_v2_qwen3_0.6b.json",
+    "skywork-reward-v2-qwen3-1.7b": "skywork_reward_v2_qwen3_1.7b.json",
+}
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def architecture_config(name: str, **overrides) -> PretrainedConfig:
+    """The config of a full-size architecture (`ARCHITECTURES`), with optional field overrides."""
+    if name not in ARCHITECTURES:
+        raise ValueError(f"Unknown architecture {name!r}; expected one of {sorted(ARCHITECTURES)}.")
+    text = resources.files("rgrl.models").joinpath("configs", ARCHITECTURES[name]).read_text()
+    fields = {**json.loads(text), **overrides}
+    return CONFIG_MAPPING[fields["model_type"]].from_dict(fields)
+
+
+def resolve_checkpoint(path: str | os.PathLike) -> str:
+    """Turn a checkpoint name (module docstring) into something `from_pretrained` accepts.
+
+    Raises FileNotFoundError with a clear message for a local path that does not exist.
+    """
+    path = os.fspath(path)
+    if path.startswith("tiny:"):
+        from rgrl.models.tiny import tiny_checkpoint
+
+        return str(tiny_checkpoint(path.removeprefix("tiny:")))
+    if path.startswith("toy:"):
+        toy_dir = Path(str(resources.files("rgrl.toy").joinpath("checkpoints", path.removeprefix("toy:"))))
+        if not (toy_dir / "config.json").exists():
+            raise FileNotFoundError(
+                f"Toy checkpoint {path!r} not found at {toy_dir}. Build the toy world with `python -m rgrl.toy build`."
+            )
+        return str(toy_dir)
+    expanded = os.path.expanduser(path)
+    if os.path.isdir(expanded):
+        return expanded
+    if os.path.exists(expanded) or not _HUB_ID.match(path):
+        raise FileNotFoundError(
+            f"Model path {path!r} is not a model directory (nor a Hub id 'org/name', nor tiny:/toy: name)."
+        )
+    return path
+
+
+def torch_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ValueError(f"Unknown dtype {name!r}; expected one of {sorted(DTYPES)}.")
+    return DTYPES[name]
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False):
+    """Tokenizer of a checkpoint, set up for left-padded prompts."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_checkpoint(path), trust_remote_code=trust_remote_code)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@dataclass
+class LoadedDLLM:
+    model: PreTrainedModel
+    tokenizer: object
+    family: DiffusionFamily
+
+
+def load_dllm(
+    path: str,
+    dtype: str = "bfloat16",
+    device: str | torch.device | None = None,
+    attn_implementation: str | None = "sdpa",
+    load_in_4bit: bool = False,
+    trust_remote_code: bool = False,
+    family_overrides: dict | None = None,
+) -> LoadedDLLM:
+    """Load a masked diffusion LM, its tokenizer and its family adapter.
+
+    Dream and LLaDA load through rgrl's native classes (no remote code, also when the config carries the Hub's
+    `auto_map`); any other dLLM needs `trust_remote_code=True` or a registered class, plus family overrides.
+    """
+    resolved = resolve_checkpoint(path)
+    tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
+    kwargs = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    if load_in_4bit:
+        kwargs["quantization_config"] = _four_bit_config(torch_dtype(dtype))
+        kwargs["device_map"] = {"": device if device is not None else _default_device()}
+    model = AutoModel.from_pretrained(resolved, **kwargs)
+    if not load_in_4bit and device is not None:
+        model.to(device)
+    family = resolve_family(model.config, tokenizer, family_overrides)
+    return LoadedDLLM(model=model, tokenizer=tokenizer, family=family)
+
+
+def _default_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def _four_bit_config(compute_dtype: torch.dtype):
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as error:
+        raise ImportError("load_in_4bit needs bitsandbytes: pip install 'rgrl[quant]'.") from error
+    if not torch.cuda.is_available():
+        raise RuntimeError("load_in_4bit needs a CUDA GPU (bitsandbytes NF4 kernels); set load_in_4bit: false on CPU.")
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=compute_dtype,
+    )
