@@ -107,7 +107,7 @@ class LinearReward:
     """Stand-in reward model: r_b = Σ_{kept slots} <embedding, u>; input embeddings are the identity-ish matrix."""
 
     def __init__(self, u: torch.Tensor, weight: torch.Tensor):
-        self.u, self.input_embedding_weight = u, weight
+        self.u, self.input_embeddings = u, torch.nn.Embedding.from_pretrained(weight)
         self.calls = 0
 
     def embedding_scorer(self, prompts, num_slots):
@@ -119,8 +119,8 @@ class LinearReward:
 
 
 class IdentityBridge:
-    def embedding_matrix(self, weight):
-        return weight
+    def embedding_matrix(self, embeddings):
+        return embeddings.weight
 
 
 def _guidance(method, steps, lr, u, matrix, measure_gain=False):

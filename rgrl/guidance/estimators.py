@@ -122,7 +122,7 @@ class RewardGuidance:
             raise ValueError("RewardGuidance needs a guidance method; 'none' means unguided sampling.")
         self.config = config
         self.reward_model = reward_model
-        self.embedding_matrix = bridge.embedding_matrix(reward_model.input_embedding_weight)  # Ê [V, d]
+        self.embedding_matrix = bridge.embedding_matrix(reward_model.input_embeddings)  # Ê [V, d]
 
     def scorer(self, prompts: list, num_slots: int):
         """Reward of response embeddings for these prompts (one per row); build once per generation."""

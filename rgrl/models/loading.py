@@ -13,6 +13,7 @@ import json
 import os
 import re
 from dataclasses import dataclass
+from typing import Literal
 from importlib import resources
 from pathlib import Path
 
@@ -83,6 +84,47 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
+
+
+@dataclass
+class DLLMConfig:
+    """The recipe's `model` section: which dLLM to load and how (also the family overrides of `resolve_family`)."""
+
+    path: str
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    attn_implementation: str | None = "sdpa"
+    load_in_4bit: bool = False
+    trust_remote_code: bool = False
+    adapter: str | None = None  # a trained LoRA adapter directory to apply (evaluation of a trained policy)
+    # family overrides, for models rgrl does not know (see rgrl.models.family.resolve_family)
+    family: str = "auto"
+    mask_token_id: int | None = None
+    eos_token_id: int | None = None
+    end_of_turn_token_id: int | None = None
+    shifted_logits: bool | None = None
+    lora_target_modules: list[str] | str | None = None
+    chat_template: str | None = None
+
+    def family_overrides(self) -> dict:
+        names = ("family", "mask_token_id", "eos_token_id", "end_of_turn_token_id", "shifted_logits",
+                 "lora_target_modules", "chat_template")
+        return {name: getattr(self, name) for name in names}
+
+    def check_paths(self) -> None:
+        """Fail fast (before any weights load) on local paths that do not exist."""
+        resolve_checkpoint(self.path)
+        if self.adapter is not None and not os.path.isdir(os.path.expanduser(self.adapter)):
+            raise FileNotFoundError(f"LoRA adapter directory {self.adapter!r} does not exist.")
+
+    def load(self, device: str | torch.device | None = None) -> "LoadedDLLM":
+        loaded = load_dllm(self.path, dtype=self.dtype, device=device, attn_implementation=self.attn_implementation,
+                           load_in_4bit=self.load_in_4bit, trust_remote_code=self.trust_remote_code,
+                           family_overrides=self.family_overrides())
+        if self.adapter is not None:
+            from peft import PeftModel
+
+            loaded.model = PeftModel.from_pretrained(loaded.model, os.path.expanduser(self.adapter))
+        return loaded
 
 
 @dataclass
