@@ -42,12 +42,25 @@ class DreamConfig(PreTrainedConfig):
         self.sliding_window = self.sliding_window if self.use_sliding_window else None
         super().__post_init__(**kwargs)
 
+    def to_dict(self) -> dict:
+        """Also write `rope_theta` / `rope_scaling`: the upstream remote code reads only those and would silently fall
+        back to theta=10000 on a checkpoint saved here. Loading reads `rope_parameters` first, so nothing changes."""
+        output = super().to_dict()
+        rope = dict(self.rope_parameters)
+        output["rope_theta"] = rope.pop("rope_theta")
+        output["rope_scaling"] = None if rope["rope_type"] == "default" else rope
+        return output
+
     def check_supported(self) -> None:
         """Raise ValueError for settings the native model does not implement (called when a model is built)."""
         if self.use_sliding_window:
-            raise ValueError("Dream with use_sliding_window=True is not supported (the released models use full attention).")
+            raise ValueError(
+                "Dream with use_sliding_window=True is not supported (the released models use full attention)."
+            )
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}.")
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}."
+            )
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads {self.num_attention_heads} is not a multiple of num_key_value_heads "

@@ -1,4 +1,4 @@
-"""Building blocks shared by the native Dream and LLaDA models.
+"""Building blocks shared by the native Dream and LLaDA models, and their common PreTrainedModel base.
 
 Both checkpoints are pre-norm transformers with RMSNorm, rotary position embeddings, a gated (SwiGLU-style) MLP and
 full bidirectional self-attention; they differ in module names and a few switches. The math lives here once; the
@@ -14,7 +14,7 @@ from torch import nn
 from transformers import initialization as init
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 
 # RoPE variants whose frequencies change with the sequence length at run time; nothing here updates them.
 _RUNTIME_ROPE_TYPES = ("dynamic", "longrope")
@@ -59,11 +59,19 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def compute_inv_freq(self) -> tuple[torch.Tensor, float]:
-        """Inverse frequencies [D/2] (float32, CPU) and the cos/sin scaling factor of the RoPE variant."""
+        """Inverse frequencies [D/2] (float32) and the cos/sin scaling factor of the RoPE variant."""
         if self.rope_type == "default":
             exponents = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
             return 1.0 / (self.rope_parameters["rope_theta"] ** exponents), 1.0
         return ROPE_INIT_FUNCTIONS[self.rope_type](self.config)
+
+    def _apply(self, fn, recurse=True):
+        # `model.to(torch.bfloat16)` would round the frequencies. Keep them float32, as a model loaded in bf16 has
+        # them and as upstream LLaDA computes its tables whatever the model dtype; device moves apply as usual.
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = self.compute_inv_freq()[0].to(self.inv_freq.device)
+        return self
 
     def reset_inv_freq(self) -> None:
         """Recompute the buffer, e.g. after the model was materialised from the meta device."""
@@ -181,11 +189,44 @@ def bidirectional_attention_mask(
 
 
 def check_forward_kwargs(kwargs: dict) -> None:
-    """Diffusion LMs decode without a KV cache: accept `use_cache`, refuse a cache or other requests outright."""
+    """Diffusion LMs decode without a KV cache: accept `use_cache`, refuse a cache or other requests outright.
+
+    Arguments passed as None (or False) are treated as absent, since wrappers such as peft forward `labels=None`.
+    """
     kwargs.pop("use_cache", None)  # there is no cache to turn on or off
     if kwargs.pop("past_key_values", None) is not None or kwargs.pop("cache", None) is not None:
         raise ValueError("This masked diffusion model has no KV cache; do not pass past_key_values.")
     if kwargs.pop("output_attentions", None):
         raise ValueError("output_attentions is not supported by the native Dream/LLaDA models.")
-    if kwargs:
-        raise TypeError(f"Unexpected forward arguments: {sorted(kwargs)}.")
+    unexpected = sorted(name for name, value in kwargs.items() if value is not None and value is not False)
+    if unexpected:
+        raise TypeError(f"Unexpected forward arguments: {unexpected}.")
+
+
+class MaskedDiffusionPreTrainedModel(PreTrainedModel):
+    """What the Dream and LLaDA model classes share: checks, init, backends, and no autoregressive generation."""
+
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    accepts_loss_kwargs = False  # the Trainer must not pass num_items_in_batch to forward
+
+    def __init__(self, config, *args, **kwargs):
+        config.check_supported()
+        super().__init__(config, *args, **kwargs)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        if isinstance(module, RotaryEmbedding):
+            module.reset_inv_freq()
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        return False
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        # Looked up (not called) by peft's task_type="CAUSAL_LM" wrapper, TRL's default LoRA task type.
+        raise NotImplementedError(
+            f"{type(self).__name__} is a masked diffusion model without autoregressive generate(); "
+            "sample with rgrl.sampling instead."
+        )
