@@ -1,0 +1,261 @@
+"""Test-time reward guidance and its evaluation: `python -m rgrl.steer RECIPE.yaml [--key value …] [--dry_run]`.
+
+For every seed, the recipe's prompts (a fresh subset per seed for the benchmarks) are sampled K times with each
+method — `none` (unguided; Best-of-N with N = K is its Top@1), `expectation`, `aps`, `entrgi` — and every
+completion is scored by the reward model's discrete path. Outputs in `output_dir`:
+
+    <method>_seed<s>.jsonl   one line per prompt: prompt, K completions, their rewards, the best one
+    summary.md / .csv        Top@1 and Avg@N (mean ± SEM over seeds) and the compute each method used
+                             (dLLM forwards and RM forward+backward passes per sample, seconds per prompt),
+                             plus a Best-of-N row at the compute (wall time) of the costliest guided method
+
+Extra per-sample metrics (e.g. a ground-truth checker) are TRL-style functions named in `metrics`
+("package.module:function", called as f(prompts=…, completions=…) -> list[float]); the table reports their mean
+over the best sample of each prompt and over all samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from rgrl.data import PromptDataConfig, load_prompts
+from rgrl.guidance import GUIDANCE_METHODS, GuidanceConfig, RewardGuidance
+from rgrl.models.loading import DLLMConfig
+from rgrl.recipe import RecipeError, load_recipe, to_plain
+from rgrl.rewards import RewardModelConfig, import_function
+from rgrl.sampling import DiffusionSampler, SamplerConfig
+
+logger = logging.getLogger("rgrl.steer")
+
+
+@dataclass
+class SteerRecipe:
+    """A test-time recipe (see recipes/steer_*.yaml)."""
+
+    model: DLLMConfig
+    reward_model: RewardModelConfig
+    prompts: PromptDataConfig
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)  # M and η; `methods` picks the estimators
+    methods: list[str] = field(default_factory=lambda: ["none", "expectation", "aps", "entrgi"])
+    num_samples: int = 4  # K
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    batch_size: int = 16  # rows per sampler call (a multiple of num_samples)
+    equal_compute_bon: bool = True
+    metrics: list[str] = field(default_factory=list)
+    output_dir: str = "outputs/steer"
+    device: str | None = None  # default: cuda if available, else cpu
+
+    def __post_init__(self):
+        unknown = [m for m in self.methods if m not in GUIDANCE_METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"methods must be a non-empty list of {GUIDANCE_METHODS}, got {self.methods}.")
+        if self.equal_compute_bon and "none" not in self.methods:
+            raise ValueError("equal_compute_bon needs the unguided method 'none' in methods.")
+        if self.num_samples < 1 or not self.seeds:
+            raise ValueError("num_samples must be >= 1 and seeds non-empty.")
+        if self.batch_size < self.num_samples or self.batch_size % self.num_samples:
+            raise ValueError(f"batch_size ({self.batch_size}) must be a multiple of num_samples ({self.num_samples}).")
+
+
+@dataclass
+class MethodRun:
+    """Results of one method on one seed: rewards [P, N] and the cost per sample."""
+
+    texts: list[list[str]]  # [P][N]
+    rewards: torch.Tensor
+    metrics: dict[str, torch.Tensor]  # name -> [P, N]
+    dllm_forwards: float
+    rm_forward_backward: float
+    seconds: float
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m rgrl.steer", description=__doc__.split("\n")[0])
+    parser.add_argument("recipe", help="YAML recipe (see recipes/steer_*.yaml)")
+    parser.add_argument("--dry_run", action="store_true", help="validate and print the resolved recipe, load nothing")
+    args, overrides = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        recipe = load_recipe(args.recipe, SteerRecipe, overrides)
+        check_before_loading(recipe)
+    except (RecipeError, FileNotFoundError, ValueError, ImportError) as error:
+        sys.exit(f"error: {error}")
+    print(json.dumps(to_plain(recipe), indent=2))
+    if args.dry_run:
+        return
+    run(recipe)
+
+
+def check_before_loading(recipe: SteerRecipe) -> None:
+    """Everything that can be checked without loading weights."""
+    recipe.model.check_paths()
+    recipe.reward_model.check_paths()
+    for name in recipe.metrics:
+        import_function(name)
+
+
+def run(recipe: SteerRecipe) -> Path:
+    device = torch.device(recipe.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    output_dir = Path(recipe.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    dllm = recipe.model.load(device)
+    reward_model = recipe.reward_model.load(device)
+    bridge = recipe.reward_model.bridge(dllm.tokenizer, dllm.model.config.vocab_size, reward_model)
+    logger.info(f"vocabulary bridge: {bridge.summary()}")
+    metric_functions = {name.rsplit(":", 1)[-1]: import_function(name) for name in recipe.metrics}
+
+    warm_up = DiffusionSampler(dllm.model, dllm.tokenizer, dllm.family, recipe.sampler)
+    warm_up.generate(load_prompts(recipe.prompts, seed=recipe.seeds[0])["prompt"][:1], seed=0)  # kernels, caches
+
+    runs: dict[str, list[MethodRun]] = {}
+    equal_compute_n = None  # fixed from the first seed's timings, so every seed compares the same N
+    for seed in recipe.seeds:
+        prompts = load_prompts(recipe.prompts, seed=seed)["prompt"]
+        for method in recipe.methods:
+            guidance = None
+            if method != "none":
+                config = GuidanceConfig(method=method, steps=recipe.guidance.steps, lr=recipe.guidance.lr,
+                                        measure_gain=recipe.guidance.measure_gain)
+                guidance = RewardGuidance(config, reward_model, bridge)
+            sampler = DiffusionSampler(dllm.model, dllm.tokenizer, dllm.family, recipe.sampler, guidance)
+            result = sample_and_score(sampler, reward_model, prompts, recipe.num_samples, recipe.batch_size, seed,
+                                      metric_functions, desc=f"seed {seed} {method}")
+            write_jsonl(output_dir / f"{method}_seed{seed}.jsonl", prompts, result)
+            runs.setdefault(method, []).append(result)
+
+        guided = [m for m in recipe.methods if m != "none"]
+        if recipe.equal_compute_bon and guided:
+            if equal_compute_n is None:
+                costliest = max(runs[m][-1].seconds for m in guided)
+                unguided = runs["none"][-1].seconds
+                equal_compute_n = max(recipe.num_samples, round(recipe.num_samples * costliest / unguided))
+            n = equal_compute_n
+            sampler = DiffusionSampler(dllm.model, dllm.tokenizer, dllm.family, recipe.sampler)
+            result = sample_and_score(sampler, reward_model, prompts, n, max(n, recipe.batch_size // n * n), seed,
+                                      metric_functions, desc=f"seed {seed} BoN N={n}")
+            write_jsonl(output_dir / f"bon_equal_compute_seed{seed}.jsonl", prompts, result)
+            runs.setdefault("bon_equal_compute", []).append(result)
+
+    rows = summarize(runs, recipe.num_samples)
+    write_summary(output_dir, rows, recipe)
+    return output_dir
+
+
+def sample_and_score(sampler: DiffusionSampler, reward_model, prompts: list, num_samples: int, batch_size: int,
+                     seed: int, metric_functions: dict, desc: str) -> MethodRun:
+    """Sample `num_samples` completions per prompt in batches of `batch_size` rows, and score them."""
+    prompts_per_batch = max(1, batch_size // num_samples)
+    rewards, texts, extra = [], [], {name: [] for name in metric_functions}
+    forwards = rm_passes = seconds = 0.0
+    for start in tqdm(range(0, len(prompts), prompts_per_batch), desc=desc, unit="batch"):
+        chunk = prompts[start : start + prompts_per_batch]
+        # the same seed for every method at this (seed, batch): guided and unguided runs share their randomness
+        out = sampler.generate(chunk, num_samples=num_samples, seed=seed * 1_000_003 + start)
+        rows = [p for p in chunk for _ in range(num_samples)]
+        rewards.append(reward_model.score(rows, out.texts).view(len(chunk), num_samples))
+        texts.extend(out.texts[i : i + num_samples] for i in range(0, len(out.texts), num_samples))
+        for name, function in metric_functions.items():
+            values = torch.tensor(function(prompts=rows, completions=out.texts), dtype=torch.float32)
+            extra[name].append(values.view(len(chunk), num_samples))
+        forwards += out.stats.dllm_forwards * out.stats.rows
+        rm_passes += out.stats.guidance.rm_forward_backward * out.stats.rows
+        seconds += out.stats.seconds
+    total = len(prompts) * num_samples
+    return MethodRun(texts=texts, rewards=torch.cat(rewards), metrics={k: torch.cat(v) for k, v in extra.items()},
+                     dllm_forwards=forwards / total, rm_forward_backward=rm_passes / total, seconds=seconds)
+
+
+def write_jsonl(path: Path, prompts: list, result: MethodRun) -> None:
+    """One line per prompt, written to a temporary file and renamed (never half-written)."""
+    tmp = path.with_suffix(".jsonl.tmp")
+    with open(tmp, "w") as f:
+        for i, prompt in enumerate(prompts):
+            rewards = result.rewards[i].tolist()
+            best = int(result.rewards[i].argmax())
+            line = {"prompt": prompt, "completions": result.texts[i], "rewards": rewards,
+                    "best": result.texts[i][best], "best_reward": rewards[best]}
+            for name, values in result.metrics.items():
+                line[name] = values[i].tolist()
+            f.write(json.dumps(line) + "\n")
+    os.replace(tmp, path)
+
+
+def mean_sem(values: list[float]) -> tuple[float, float]:
+    """Mean and standard error of the mean (0 for a single value)."""
+    if len(values) < 2:
+        return values[0], 0.0
+    return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
+
+
+def summarize(runs: dict[str, list[MethodRun]], num_samples: int) -> list[dict]:
+    """One row per method: per-seed Top@1 / Avg@N / metrics, then mean ± SEM over seeds."""
+    rows = []
+    for method, per_seed in runs.items():
+        n = per_seed[0].rewards.shape[1]
+        name = {"none": f"unguided (BoN N={n})", "bon_equal_compute": f"BoN equal compute (N={n})"}.get(method, method)
+        row = {"method": name, "N": n}
+        best = [r.rewards.argmax(dim=1) for r in per_seed]
+        row["top1"] = mean_sem([r.rewards.max(dim=1).values.mean().item() for r in per_seed])
+        row["avg"] = mean_sem([r.rewards.mean().item() for r in per_seed])
+        for metric in per_seed[0].metrics:
+            row[f"{metric}@best"] = mean_sem([r.metrics[metric].gather(1, b[:, None]).mean().item()
+                                              for r, b in zip(per_seed, best)])
+            row[f"{metric}@avg"] = mean_sem([r.metrics[metric].mean().item() for r in per_seed])
+        row["dllm_forwards_per_sample"] = statistics.fmean(r.dllm_forwards for r in per_seed)
+        row["rm_fwd_bwd_per_sample"] = statistics.fmean(r.rm_forward_backward for r in per_seed)
+        row["seconds_per_prompt"] = statistics.fmean(r.seconds / r.rewards.shape[0] for r in per_seed)
+        rows.append(row)
+    return rows
+
+
+def write_summary(output_dir: Path, rows: list[dict], recipe: SteerRecipe) -> None:
+    columns = [c for c in rows[0] if c != "method"]
+    def cell(value):
+        if isinstance(value, tuple):
+            return f"{value[0]:.3f} ± {value[1]:.3f}"
+        return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+    lines = [
+        f"# Test-time guidance: {recipe.model.path} guided by {recipe.reward_model.path}",
+        "",
+        f"K = {recipe.num_samples}, seeds {recipe.seeds}, T = {recipe.sampler.steps}, L = {recipe.sampler.completion_length}, "
+        f"τ = {recipe.sampler.temperature}, M = {recipe.guidance.steps}, η = {recipe.guidance.lr}. "
+        "Top@1 = best RM score of the N samples of a prompt, Avg@N = their mean; mean ± SEM over seeds.",
+        "",
+        "| method | " + " | ".join(columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    lines += ["| " + row["method"] + " | " + " | ".join(cell(row[c]) for c in columns) + " |" for row in rows]
+    text = "\n".join(lines) + "\n"
+    (output_dir / "summary.md.tmp").write_text(text)
+    os.replace(output_dir / "summary.md.tmp", output_dir / "summary.md")
+    with open(output_dir / "summary.csv.tmp", "w", newline="") as f:
+        writer = csv.writer(f)
+        header = ["method"]
+        for c in columns:
+            header += [c, f"{c}_sem"] if isinstance(rows[0][c], tuple) else [c]
+        writer.writerow(header)
+        for row in rows:
+            values = [row["method"]]
+            for c in columns:
+                values += list(row[c]) if isinstance(row[c], tuple) else [row[c]]
+            writer.writerow(values)
+    os.replace(output_dir / "summary.csv.tmp", output_dir / "summary.csv")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
