@@ -25,6 +25,11 @@ class RecipeError(ValueError):
 
 def load_recipe(path: str | os.PathLike, schema: type, overrides: list[str] | None = None):
     """Read the YAML recipe at `path`, apply `--key value` overrides, and build an instance of `schema`."""
+    return build_dataclass(schema, read_recipe(path, schema, overrides), source=str(path))
+
+
+def read_recipe(path: str | os.PathLike, schema: type, overrides: list[str] | None = None) -> dict:
+    """The recipe at `path` as a plain mapping with the `--key value` overrides applied (their keys validated)."""
     path = Path(path)
     if not path.is_file():
         raise RecipeError(f"Recipe file not found: {path}")
@@ -36,7 +41,7 @@ def load_recipe(path: str | os.PathLike, schema: type, overrides: list[str] | No
         raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}.")
     for key, value in parse_overrides(overrides or []):
         _set_dotted(data, key, value, schema, source=f"{path} (command line)")
-    return build_dataclass(schema, data, source=str(path))
+    return data
 
 
 def parse_overrides(argv: list[str]) -> list[tuple[str, object]]:

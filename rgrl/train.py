@@ -1,0 +1,408 @@
+"""Train a masked diffusion LM with RGRL or diffu-GRPO from a YAML recipe.
+
+    python -m rgrl.train RECIPE.yaml [--section.key value ...] [--dry_run]
+    accelerate launch [--config_file launch/….yaml] -m rgrl.train RECIPE.yaml [...]
+
+A recipe has these sections (see recipes/*.yaml; every key is validated, unknown keys are errors):
+
+    trainer         rgrl | diffu_grpo
+    model           the dLLM (rgrl.models.loading.DLLMConfig): path, dtype, attn_implementation, load_in_4bit
+                    (QLoRA), trust_remote_code, lora_target_modules (default: the family's) and family overrides
+                    (family, mask_token_id, eos_token_id, end_of_turn_token_id, shifted_logits, chat_template)
+    lora            r, alpha, dropout of the trained LoRA adapter
+    data            the prompts (rgrl.data.PromptDataConfig); num_eval_prompts > 0 holds out prompts for the
+                    unguided evaluation
+    sampler         the denoising loop (rgrl.sampling.SamplerConfig): owns temperature, top_p, top_k and the
+                    completion length L, which are copied into TRL's arguments
+    guidance        rgrl only: the estimator (rgrl.guidance.GuidanceConfig: method entrgi | aps | expectation | none)
+    guidance_model  rgrl only: the reward model guidance differentiates (rgrl.rewards.RewardModelConfig: path,
+                    dtype, max_length, bridge_fallback, bridge_split)
+    rewards         reward functions, scored for logging and the learning signal: a reward model
+                    (`model: PATH`) or a TRL reward function (`function: module:function`), each with a weight
+    training        the trainer's arguments: RGRLConfig or DiffuGRPOConfig (GRPOConfig / TrainingArguments keys)
+
+Everything is checked before any weights load; `--dry_run` stops there and prints the resolved configuration.
+Outputs in `training.output_dir`: checkpoints, the final LoRA adapter (merge it with `python -m rgrl.merge`),
+metrics.jsonl, training_curves.png and the recipe as run (recipe.yaml).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import yaml
+
+from rgrl.data import PromptDataConfig
+from rgrl.guidance import GuidanceConfig
+from rgrl.models.loading import DLLMConfig, resolve_checkpoint
+from rgrl.recipe import RecipeError, build_dataclass, parse_overrides, read_recipe, to_plain
+from rgrl.rewards import RewardModelConfig, import_function
+from rgrl.sampling import SamplerConfig
+from rgrl.trainers.base import SAMPLER_OWNED_OPTIONS, sync_sampling_args
+from rgrl.trainers.diffu_grpo_config import DiffuGRPOConfig
+from rgrl.trainers.rgrl_config import RGRLConfig
+
+USAGE = "usage: python -m rgrl.train RECIPE.yaml [--section.key value ...] [--dry_run]"
+logger = logging.getLogger("rgrl.train")
+
+
+# ------------------------------------------------------------------------------------------------ recipe schema
+@dataclass
+class LoraSection:
+    """The LoRA adapter trained on the dLLM; its target modules are `model.lora_target_modules` (default: the
+    family's attention and MLP projections)."""
+
+    r: int = 32
+    alpha: float = 32.0
+    dropout: float = 0.1
+
+
+@dataclass
+class RewardSection:
+    """One reward function: a reward model's discrete score (`model`) or a TRL reward function (`function`)."""
+
+    model: str | None = None  # a reward model (path, Hub id or tiny: name)
+    function: str | None = None  # "package.module:function", called as f(prompts, completions, **kwargs)
+    name: str | None = None  # metric name rewards/<name>/...; default: the model's or function's name
+    weight: float = 1.0
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    max_length: int = 4096
+    batch_size: int = 8
+    trust_remote_code: bool = False
+
+    @property
+    def metric_name(self) -> str:
+        if self.name:
+            return self.name
+        if self.model:
+            return self.model.rstrip("/").split("/")[-1].split(":")[-1]
+        return self.function.split(":")[-1]
+
+    def model_config(self) -> RewardModelConfig:
+        return RewardModelConfig(path=self.model, dtype=self.dtype, max_length=self.max_length,
+                                 trust_remote_code=self.trust_remote_code)
+
+
+@dataclass
+class TrainingRecipe:
+    trainer: Literal["rgrl", "diffu_grpo"] = "rgrl"
+    model: DLLMConfig | None = None
+    lora: LoraSection = field(default_factory=LoraSection)
+    data: PromptDataConfig = field(default_factory=PromptDataConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    rewards: list[RewardSection] = field(default_factory=list)
+
+
+@dataclass
+class RGRLRecipe(TrainingRecipe):
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    guidance_model: RewardModelConfig | None = None
+    training: RGRLConfig | None = None
+
+
+@dataclass
+class DiffuGRPORecipe(TrainingRecipe):
+    training: DiffuGRPOConfig | None = None
+
+
+SCHEMAS = {"rgrl": RGRLRecipe, "diffu_grpo": DiffuGRPORecipe}
+
+
+# ------------------------------------------------------------------------------------------------ loading + checks
+@dataclass
+class LoadedRecipe:
+    recipe: TrainingRecipe
+    raw: dict  # the recipe as given, overrides applied (saved as output_dir/recipe.yaml)
+    path: Path
+    notes: list[str]  # hardware checks a dry run on this machine could not make
+
+
+def load_training_recipe(path: str | os.PathLike, overrides: list[str] | None = None,
+                         dry_run: bool = False) -> LoadedRecipe:
+    """Read, build and check a training recipe without loading any weights. Errors are `RecipeError`s."""
+    path = Path(path)
+    overrides = list(overrides or [])
+    trainer = _trainer_name(path, overrides)
+    schema = SCHEMAS[trainer]
+    raw = read_recipe(path, schema, overrides)
+    training = raw.get("training")
+    if not isinstance(training, dict):
+        raise RecipeError(f"{path}: the recipe needs a `training` section (the {schema.__name__} arguments).")
+    for key, owner in {**SAMPLER_OWNED_OPTIONS, "reward_weights": "rewards[i].weight"}.items():
+        if key in training:
+            raise RecipeError(f"{path}: 'training.{key}' is set from '{owner}'; set it there and remove it here.")
+
+    notes = []
+    build_input = dict(raw, training=dict(training))
+    if not torch.cuda.is_available() and not training.get("use_cpu") and _uses_bf16(training):
+        if not dry_run:
+            raise RecipeError(
+                f"{path}: training.bf16 is on (GRPOConfig's default) but this machine has no CUDA GPU; "
+                "set `training.bf16: false` to train in float32 on the CPU."
+            )
+        build_input["training"]["use_cpu"] = True  # lets transformers accept bf16 here; not part of the recipe
+        notes.append("training.bf16 is on: the run needs a bf16-capable GPU (not checked on this machine)")
+    for key in ("eval_strategy", "save_strategy", "logging_strategy"):
+        if build_input["training"].get(key) is False:  # YAML 1.1 reads an unquoted `no` as false
+            build_input["training"][key] = "no"
+    recipe = build_dataclass(schema, build_input, source=str(path))
+    notes += check_recipe(recipe, path, dry_run)
+    sync_sampling_args(recipe.training, recipe.sampler)
+    recipe.training.reward_weights = [reward.weight for reward in recipe.rewards]
+    return LoadedRecipe(recipe=recipe, raw=raw, path=path, notes=notes)
+
+
+def _trainer_name(path: Path, overrides: list[str]) -> str:
+    raw = read_recipe(path, TrainingRecipe)
+    trainer = raw.get("trainer", "rgrl")
+    for key, value in parse_overrides(overrides):
+        if key == "trainer":
+            trainer = value
+    if trainer not in SCHEMAS:
+        raise RecipeError(f"{path}: 'trainer' must be one of {list(SCHEMAS)}, got {trainer!r}.")
+    return trainer
+
+
+def _uses_bf16(training: dict) -> bool:
+    bf16 = training.get("bf16")
+    return bool(bf16) if bf16 is not None else not training.get("fp16", False)
+
+
+def check_recipe(recipe: TrainingRecipe, path: Path, dry_run: bool) -> list[str]:
+    """Cross-section checks that need no weights; returns notes on hardware checks a dry run skipped."""
+    notes = []
+
+    def fail(message: str):
+        raise RecipeError(f"{path}: {message}")
+
+    def check_checkpoint(name: str, where: str) -> None:
+        try:
+            resolve_checkpoint(name)  # local paths must exist; tiny: names are built (seconds, once)
+        except (FileNotFoundError, ValueError) as error:
+            fail(f"'{where}': {error}")
+
+    model = recipe.model
+    if model is None:
+        fail("the 'model' section (the dLLM to train, with at least `path`) is required.")
+    check_checkpoint(model.path, "model.path")
+    if model.adapter is not None:
+        fail("'model.adapter' applies a trained adapter for evaluation; a training run trains a fresh one (to "
+             "continue a run, set 'training.resume_from_checkpoint').")
+    if model.load_in_4bit:
+        problem = _four_bit_problem()
+        if problem and not dry_run:
+            fail(f"model.load_in_4bit is on but {problem}. Set `model.load_in_4bit: false` on this machine.")
+        if problem:
+            notes.append(f"model.load_in_4bit is on: the run needs a CUDA GPU and bitsandbytes (here: {problem})")
+
+    if not recipe.rewards:
+        fail("'rewards' is empty: give at least one reward model (`- model: PATH`) or function (`- function: m:f`).")
+    names = [reward.metric_name for reward in recipe.rewards]
+    for i, reward in enumerate(recipe.rewards):
+        if (reward.model is None) == (reward.function is None):
+            fail(f"rewards[{i}] needs exactly one of 'model' (a reward model) and 'function' (module:function).")
+        if reward.model is not None:
+            check_checkpoint(reward.model, f"rewards[{i}].model")
+        else:
+            try:
+                import_function(reward.function)
+            except (ValueError, ImportError) as error:
+                fail(f"rewards[{i}].function: {error}")
+        if names.count(reward.metric_name) > 1:
+            fail(f"two reward functions are named {reward.metric_name!r}; give them distinct 'name's.")
+
+    if isinstance(recipe, RGRLRecipe):
+        guided = recipe.guidance.method != "none"
+        if guided and recipe.guidance_model is None:
+            fail(f"guidance.method is {recipe.guidance.method!r}: the 'guidance_model' section (the reward model "
+                 "that guides rollouts) is required.")
+        if not guided and recipe.guidance_model is not None:
+            fail("guidance.method is 'none' (unguided rollouts): remove the unused 'guidance_model' section.")
+        if guided:
+            check_checkpoint(recipe.guidance_model.path, "guidance_model.path")
+
+    data = recipe.data
+    if data.path is not None and (data.source == "local" or data.path.startswith(("/", ".", "~"))):
+        if not Path(data.path).expanduser().exists():
+            fail(f"'data.path': no file or folder at {data.path!r}.")
+
+    args = recipe.training
+    if data.num_eval_prompts > 0:
+        try:
+            args.check_eval_batch()
+        except ValueError as error:
+            fail(f"invalid recipe in 'training': {error}")
+    elif args.eval_strategy != "no":
+        fail(f"training.eval_strategy is {args.eval_strategy.value!r} but there are no held-out prompts: set "
+             "'data.num_eval_prompts' (the unguided evaluation set), or eval_strategy: 'no'.")
+    if args.resume_from_checkpoint and not Path(args.resume_from_checkpoint).is_dir():
+        fail(f"'training.resume_from_checkpoint': no checkpoint directory at {args.resume_from_checkpoint!r}.")
+    return notes
+
+
+def _four_bit_problem() -> str | None:
+    if not torch.cuda.is_available():
+        return "this machine has no CUDA GPU"
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return "bitsandbytes is not installed (pip install 'rgrl[quant]')"
+    return None
+
+
+def describe(loaded: LoadedRecipe) -> str:
+    """The resolved configuration as YAML: every section in full; for the training arguments, the ones the
+    recipe sets plus those rgrl derives (secrets masked); and the batch arithmetic."""
+    recipe = loaded.recipe
+    sections = {f.name: to_plain(getattr(recipe, f.name)) for f in dataclasses.fields(recipe) if f.name != "training"}
+    args = recipe.training
+    plain_args = args.to_dict()  # masks *_token fields
+    derived = [*SAMPLER_OWNED_OPTIONS, "reward_weights", "steps_per_generation", "generation_batch_size"]
+    shown = [name for name in plain_args if name in loaded.raw["training"] or name in derived]
+    world = args.world_size
+    rows = args.per_device_train_batch_size * args.steps_per_generation
+    plan = {
+        "processes": world,
+        "rows_per_process_per_rollout": rows,
+        "prompts_per_rollout": rows * world // args.num_generations,
+        "samples_per_prompt": args.num_generations,
+        "optimizer_steps_per_rollout": args.steps_per_generation * args.num_iterations
+        // args.gradient_accumulation_steps,
+    }
+    text = yaml.safe_dump({**sections, "training": {name: plain_args[name] for name in shown}}, sort_keys=False,
+                          width=120)
+    text += f"# training: other arguments keep {type(args).__name__}'s defaults\n"
+    text += yaml.safe_dump({"batch_plan": plan}, sort_keys=False)
+    for note in loaded.notes:
+        text += f"# note: {note}\n"
+    return text
+
+
+# ------------------------------------------------------------------------------------------------ the run
+@contextlib.contextmanager
+def _replicated_loading(args):
+    """Load frozen reward models whole on every process: under a ZeRO-3 config, `from_pretrained` would
+    otherwise partition them, and guidance needs every weight of the reward model on every process."""
+    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
+
+    hf_deepspeed_config = getattr(args, "hf_deepspeed_config", None)
+    if hf_deepspeed_config is None:
+        yield
+        return
+    unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        set_hf_deepspeed_config(hf_deepspeed_config)
+
+
+def run(loaded: LoadedRecipe):
+    """Load data and models, train, save the final adapter, and evaluate (unguided) on held-out prompts."""
+    from peft import LoraConfig, prepare_model_for_kbit_training
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+
+    from rgrl.data import load_prompts
+    from rgrl.guidance import RewardGuidance
+    from rgrl.rewards import RewardModelFunction
+    from rgrl.trainers import DiffuGRPOTrainer, MetricsFileCallback, RGRLTrainer
+
+    recipe, args = loaded.recipe, loaded.recipe.training
+    logger.setLevel(logging.INFO if args.should_log else logging.WARNING)  # the main process reports
+    device = args.device
+
+    train_dataset = load_prompts(recipe.data, "train")
+    eval_dataset = load_prompts(recipe.data, "eval") if recipe.data.num_eval_prompts > 0 else None
+    logger.info(f"{recipe.trainer}: {len(train_dataset)} training prompts, "
+                f"{0 if eval_dataset is None else len(eval_dataset)} held-out prompts; output in {args.output_dir}")
+
+    reward_models = {}  # one replicated copy per distinct reward model (guidance and scoring share it)
+
+    def reward_model(config: RewardModelConfig):
+        key = (config.path, config.dtype, config.max_length, config.attn_implementation, config.trust_remote_code)
+        if key not in reward_models:
+            with _replicated_loading(args):
+                reward_models[key] = config.load(device)
+        return reward_models[key]
+
+    guided = isinstance(recipe, RGRLRecipe) and recipe.guidance.method != "none"
+    guidance_rm = reward_model(recipe.guidance_model) if guided else None
+    reward_funcs = [
+        RewardModelFunction(reward_model(r.model_config()), r.metric_name, batch_size=r.batch_size)
+        if r.model is not None else import_function(r.function)
+        for r in recipe.rewards
+    ]
+
+    dllm = recipe.model.load(None if is_deepspeed_zero3_enabled() else device)
+    model, family = dllm.model, dllm.family
+    if recipe.model.load_in_4bit:
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=args.gradient_checkpointing,
+            gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
+    targets = family.lora_target_modules
+    peft_config = LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
+                             target_modules=targets if isinstance(targets, str) else list(targets))
+
+    common = dict(family=family, sampler_config=recipe.sampler, train_dataset=train_dataset,
+                  eval_dataset=eval_dataset, processing_class=dllm.tokenizer, peft_config=peft_config,
+                  callbacks=[MetricsFileCallback()])
+    if isinstance(recipe, RGRLRecipe):
+        guidance = None
+        if guided:
+            rows = model.get_input_embeddings().weight.shape[0]
+            bridge = recipe.guidance_model.bridge(dllm.tokenizer, rows, guidance_rm)
+            logger.info(f"Vocabulary bridge {recipe.model.path} -> {recipe.guidance_model.path}: {bridge.summary()}")
+            guidance = RewardGuidance(recipe.guidance, guidance_rm, bridge)
+        trainer = RGRLTrainer(model, reward_funcs, args, guidance=guidance, **common)
+    else:
+        trainer = DiffuGRPOTrainer(model, reward_funcs, args, **common)
+
+    if trainer.is_world_process_zero():
+        os.makedirs(args.output_dir, exist_ok=True)
+        (Path(args.output_dir) / "recipe.yaml").write_text(yaml.safe_dump(_without_secrets(loaded.raw),
+                                                                          sort_keys=False))
+    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.save_model(args.output_dir)
+    step = trainer.state.global_step
+    evaluated = any("eval_reward" in entry and entry.get("step") == step for entry in trainer.state.log_history)
+    if eval_dataset is not None and not evaluated:  # the final policy's unguided evaluation
+        trainer.evaluate()
+    return trainer
+
+
+def _without_secrets(raw: dict) -> dict:
+    training = {key: ("<hidden>" if key.endswith("_token") else value)
+                for key, value in (raw.get("training") or {}).items()}
+    return {**raw, "training": training}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        print(USAGE)
+        return
+    dry_run = "--dry_run" in argv or "--dry-run" in argv
+    argv = [token for token in argv if token not in ("--dry_run", "--dry-run")]
+    path, overrides = argv[0], argv[1:]
+    try:
+        loaded = load_training_recipe(path, overrides, dry_run=dry_run)
+    except RecipeError as error:
+        sys.exit(f"error: {error}")
+    if dry_run:
+        print(describe(loaded), end="")
+        print(f"# {path}: OK (dry run: no weights loaded)")
+        return
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    run(loaded)
+
+
+if __name__ == "__main__":
+    main()

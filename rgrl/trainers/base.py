@@ -1,0 +1,381 @@
+"""What RGRL and diffu-GRPO share: TRL's GRPO loop with masked-diffusion rollouts and likelihoods.
+
+Both trainers keep TRL's data pipeline (RepeatSampler, generation buffer, shuffling into micro-batches), reward
+functions, logging, checkpointing and eval loop. They replace what assumes a causal LM:
+
+  rollout      `rollout_func` (TRL's public seam) runs `rgrl.sampling.DiffusionSampler` with the current policy in
+               eval mode (no dropout, LoRA included); prompts are rendered with the dLLM's chat template there.
+  batch        `_generate_and_score_completions`: rewards → one signal per completion (advantages or weights),
+               padded tensors, and the random masks of the likelihood estimator drawn once per rollout and
+               stored in the batch (so they travel with their rows through TRL's shuffle and split).
+  log-probs    `rgrl.trainers.likelihood` instead of TRL's causal path (`_get_per_token_logps_and_entropies`
+               is guarded: it would score clean completions visible to a bidirectional model).
+
+Subclasses supply `_per_sample_signal`, `_compute_loss` and optionally `_behaviour_log_probs` and `_guidance`.
+Pinned to TRL 1.16: the private methods overridden or called here are listed in `_TRL_PRIVATE_SURFACE`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from accelerate.utils import gather_object
+from torch.nn.utils.rnn import pad_sequence
+from transformers import GenerationConfig
+from trl import GRPOConfig, GRPOTrainer
+from trl.models import unwrap_model_for_generation
+from trl.trainer.utils import nanstd
+
+from rgrl.models.family import DiffusionFamily
+from rgrl.sampling import DiffusionSampler, SamplerConfig
+from rgrl.trainers.likelihood import completion_log_probs, draw_noise, token_weights
+
+# TRL 1.16 internals this module relies on (a TRL bump must re-check them; tests/test_trainers.py has a contract test).
+_TRL_PRIVATE_SURFACE = (
+    "_generate", "_calculate_rewards", "_generate_and_score_completions", "_compute_loss",
+    "_get_per_token_logps_and_entropies", "_metrics", "_logs", "_pending_metrics", "_pending_extra_logs", "_step",
+    "reward_func_names", "reward_weights", "num_generations_eval", "num_iterations", "epsilon_low", "epsilon_high",
+    "current_gradient_accumulation_steps",
+)
+
+# GRPOConfig options whose code paths these trainers replace or cannot honour: any value but TRL's default is an
+# error naming the option. (vllm_* options only act with use_vllm.)
+UNSUPPORTED_OPTIONS = {
+    "use_vllm": "rollouts run on rgrl's diffusion sampler",
+    "use_transformers_continuous_batching": "rollouts run on rgrl's diffusion sampler",
+    "use_transformers_paged": "rollouts run on rgrl's diffusion sampler",
+    "generation_kwargs": "configure decoding in the recipe's `sampler` section",
+    "cache_implementation": "masked diffusion models decode without a KV cache",
+    "min_p": "the sampler supports temperature, top_p and top_k",
+    "repetition_penalty": "the sampler supports temperature, top_p and top_k",
+    "chat_template_kwargs": "prompts are rendered by the family's chat template",
+    "mask_truncated_completions": "not implemented for diffusion rollouts",
+    "pad_to_multiple_of": "batches are padded by rgrl",
+    "model_init_kwargs": "rgrl builds the model itself (the recipe's `model` section)",
+    "trust_remote_code": "set `model.trust_remote_code` in the recipe",
+    "cast_lm_head_to_fp32": "log-probs are computed in float32 already",
+    "use_liger_kernel": "the native Dream/LLaDA models are not patched by Liger",
+    "sync_ref_model": "the reference model is the base model with the LoRA adapter disabled",
+    "top_entropy_quantile": "not implemented for diffusion likelihoods",
+    "entropy_coef": "not implemented for diffusion likelihoods",
+    "use_adaptive_entropy": "not implemented for diffusion likelihoods",
+    "off_policy_mask_threshold": "not implemented for diffusion likelihoods",
+    "delta": "not implemented for diffusion likelihoods",
+    "importance_sampling_level": "ratios are per token",
+    "router_aux_loss_coef": "Dream and LLaDA are dense models",
+    "multi_objective_aggregation": "rewards are summed with `reward_weights`, then turned into the learning signal",
+}
+
+# TRL's sampling options mirror the sampler's (copied by `sync_sampling_args`); the recipe sets them in `sampler`.
+SAMPLER_OWNED_OPTIONS = {
+    "temperature": "sampler.temperature",
+    "top_p": "sampler.top_p",
+    "top_k": "sampler.top_k",
+    "max_completion_length": "sampler.completion_length",
+}
+
+_GRPO_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
+
+
+@dataclass
+class MaskedDiffusionConfig(GRPOConfig):
+    """`GRPOConfig` for masked diffusion LMs; base of `RGRLConfig` and `DiffuGRPOConfig`.
+
+    Parameters (beyond GRPOConfig's):
+        p_mask_prompt: probability of masking each real prompt token in the likelihood estimate.
+
+    The sampler (`rgrl.sampling.SamplerConfig`) owns temperature, top_p, top_k and the completion length; the
+    trainers copy them into `temperature/top_p/top_k/max_completion_length` so TRL's bookkeeping agrees.
+    Gradient checkpointing is on by default, under transformers' current name `activation_checkpointing`.
+    """
+
+    p_mask_prompt: float = field(
+        default=0.3, metadata={"help": "Probability of masking each prompt token in the likelihood estimate."}
+    )
+    activation_checkpointing: bool | None = field(
+        default=True, metadata={"help": "Trade compute for memory (gradient checkpointing)."}
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of `activation_checkpointing`."}
+    )
+
+    def __post_init__(self):
+        if self.gradient_checkpointing is not None:  # the deprecated name, as TRL's docs still spell it
+            self.activation_checkpointing = self.gradient_checkpointing
+        if isinstance(self.scale_rewards, str) and self.scale_rewards.lower() in ("true", "false"):
+            raise ValueError(
+                f"scale_rewards={self.scale_rewards!r} is ambiguous (a string, not a boolean): use 'none' (no "
+                "division by the reward std), 'group' or 'batch'."
+            )
+        for name, reason in UNSUPPORTED_OPTIONS.items():  # before GRPOConfig resolves any of them
+            if getattr(self, name) != _GRPO_DEFAULTS[name]:
+                raise ValueError(
+                    f"{type(self).__name__} does not support `{name}` ({reason}); remove it (TRL's default is "
+                    f"{_GRPO_DEFAULTS[name]!r}, got {getattr(self, name)!r})."
+                )
+        super().__post_init__()
+        if self.scale_rewards not in ("none", "group", "batch"):
+            raise ValueError(f"scale_rewards must be 'none', 'group' or 'batch', got {self.scale_rewards!r}.")
+        if not 0.0 <= self.p_mask_prompt <= 1.0:
+            raise ValueError(f"p_mask_prompt must be in [0, 1], got {self.p_mask_prompt}.")
+        rows = self.per_device_train_batch_size * self.steps_per_generation
+        if rows % self.num_generations:
+            raise ValueError(
+                f"The {self.num_generations} samples of a prompt must sit on one process: "
+                f"per_device_train_batch_size × steps_per_generation = {self.per_device_train_batch_size} × "
+                f"{self.steps_per_generation} = {rows} must be a multiple of num_generations={self.num_generations}."
+            )
+        if self.eval_strategy != "no":
+            self.check_eval_batch()
+        self._warn_unaligned_checkpoints()
+
+    def check_eval_batch(self) -> None:
+        """Eval groups must sit on one process too (called when an evaluation will run)."""
+        group = self.num_generations_eval or self.num_generations
+        if self.per_device_eval_batch_size % group:
+            raise ValueError(
+                f"per_device_eval_batch_size={self.per_device_eval_batch_size} must be a multiple of the eval group "
+                f"size num_generations_eval={group}, so the samples of a prompt sit on one process."
+            )
+
+    def _warn_unaligned_checkpoints(self) -> None:
+        if self.save_strategy != "steps" or self.save_steps < 1:
+            return
+        block = self.steps_per_generation * self.num_iterations
+        if (int(self.save_steps) * self.gradient_accumulation_steps) % block:
+            warnings.warn(
+                f"save_steps={self.save_steps} is not on a generation boundary (every {block} micro-steps = "
+                f"steps_per_generation × num_iterations, with gradient_accumulation_steps="
+                f"{self.gradient_accumulation_steps}): a run resumed from such a checkpoint regenerates the "
+                "interrupted rollout and differs from an uninterrupted run.",
+                stacklevel=3,
+            )
+
+
+def sync_sampling_args(args: GRPOConfig, sampler: SamplerConfig) -> None:
+    """Copy the sampler's τ, top-p, top-k and L into TRL's fields of the same meaning (TRL: 0 / 1.0 = off)."""
+    args.temperature = sampler.temperature
+    args.top_p = 1.0 if sampler.top_p is None else sampler.top_p
+    args.top_k = sampler.top_k or 0
+    args.max_completion_length = sampler.completion_length
+
+
+class MaskedDiffusionTrainer(GRPOTrainer):
+    """`GRPOTrainer` whose rollouts and log-likelihoods are those of a masked diffusion LM.
+
+    Args:
+        model: the dLLM (a `PreTrainedModel` instance). With `peft_config`, TRL wraps it in a LoRA adapter, and the
+            reference model of a KL term is the same model with the adapter disabled.
+        reward_funcs: TRL reward functions (callables `f(prompts, completions, **kwargs) -> list[float]`), e.g.
+            `rgrl.rewards.RewardModelFunction` for a reward model's discrete score (keep reward models out of
+            TRL's hands as `nn.Module`s: under ZeRO-3 TRL would shard them).
+        args: a `MaskedDiffusionConfig` subclass.
+        family: the model's `DiffusionFamily`.
+        sampler_config: the rollout sampler's settings (its τ/top-p/top-k/L are copied into `args`).
+        processing_class: the dLLM tokenizer (required: TRL cannot load one for a model instance).
+    """
+
+    _signal_key = "advantages"  # name of the per-completion learning signal in the batch
+
+    def __init__(
+        self,
+        model,
+        reward_funcs,
+        args: MaskedDiffusionConfig,
+        *,
+        family: DiffusionFamily,
+        sampler_config: SamplerConfig,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        callbacks=None,
+        optimizers=(None, None),
+        peft_config=None,
+    ):
+        if processing_class is None:
+            raise ValueError("Pass the dLLM tokenizer as `processing_class`.")
+        if args.beta != 0.0 and peft_config is None:
+            raise ValueError(
+                "A KL term (beta > 0) needs LoRA: pass the base model and a `peft_config`; the reference model is the "
+                "base model with the adapter disabled."
+            )
+        if args.beta != 0.0 and hasattr(model, "peft_config"):
+            raise ValueError(
+                "With beta > 0, pass the base model plus `peft_config`, not a PeftModel: TRL would otherwise train "
+                "against a frozen copy of the adapter instead of the base model."
+            )
+        self.family = family
+        self.sampler_config = sampler_config
+        sync_sampling_args(args, sampler_config)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        base.generation_config = GenerationConfig(  # TRL reads the stop ids (clipped_ratio) and the pad id here
+            eos_token_id=list(family.stop_token_ids), pad_token_id=family.pad_token_id
+        )
+        self._rollout_seconds = 0.0  # total time in _generate_and_score_completions, for the learner's share
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="You are using 'rollout_func'", category=UserWarning)
+            super().__init__(
+                model=model,
+                reward_funcs=reward_funcs,
+                args=args,
+                train_dataset=train_dataset,
+                eval_dataset=eval_dataset,
+                processing_class=processing_class,
+                callbacks=callbacks,
+                optimizers=optimizers,
+                peft_config=peft_config,
+                rollout_func=self._rollout,
+            )
+
+    # ------------------------------------------------------------------------------------------------ hooks
+    def _per_sample_signal(self, rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+        """World rewards [N] (groups of `group_size` consecutive rows, NaN = unscorable) -> signal [N]."""
+        raise NotImplementedError
+
+    def _behaviour_log_probs(self, batch: dict, mode: str) -> dict:
+        """Extra no-grad log-probs to store in the batch (diffu-GRPO: old and reference)."""
+        return {}
+
+    def _guidance(self, mode: str):
+        """The `RewardGuidance` of rollouts in `mode`, or None for unguided sampling."""
+        return None
+
+    def _likelihood_estimator(self) -> str:
+        return "one_step"
+
+    # ------------------------------------------------------------------------------------------------ rollout
+    def _rollout(self, prompts: list, trainer=None) -> dict:
+        """TRL's rollout seam: this process's prompts (K consecutive copies each) -> unpadded ids per row."""
+        mode = "train" if self.model.training else "eval"
+        guidance = self._guidance(mode)
+        with unwrap_model_for_generation(
+            self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation
+        ) as policy:
+            sampler = DiffusionSampler(policy, self.processing_class, self.family, self.sampler_config, guidance)
+            prompt_ids, prompt_mask = sampler.encode_prompts(prompts)
+            with self.accelerator.autocast():
+                sample = sampler.denoise(prompt_ids, prompt_mask, prompts)  # eval mode inside, mode restored
+        metrics = {"guidance/sampler_seconds": sample.stats.seconds}
+        if guidance is not None:
+            stats = sample.stats.guidance.as_metrics()
+            metrics["guidance/seconds"] = stats.pop("seconds")
+            metrics.update({f"guidance/{name}": value for name, value in stats.items()})
+        self._log_world_means(mode, metrics)
+        return {
+            "prompt_ids": [ids[keep].tolist() for ids, keep in zip(sample.prompt_ids, sample.prompt_mask)],
+            "completion_ids": [ids[keep].tolist() for ids, keep in zip(sample.completion_ids, sample.completion_mask)],
+            "logprobs": None,
+        }
+
+    def _generate_and_score_completions(self, inputs: list[dict]) -> dict[str, torch.Tensor]:
+        """One rollout round on this process's rows -> the training batch (B-major tensors)."""
+        start = time.perf_counter()
+        mode = "train" if self.model.training else "eval"
+        prompts = [row["prompt"] for row in inputs]
+        prompt_ids, completion_ids, _, completions, _, _, _, _ = self._generate(prompts)
+        rewards_per_func = self._calculate_rewards(inputs, prompts, completions, completion_ids)  # [N_world, F]
+        rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)
+        rewards[rewards_per_func.isnan().all(dim=1)] = math.nan
+        group_size = self.num_generations if mode == "train" else self.num_generations_eval
+        signal = self._per_sample_signal(rewards, group_size)
+        self._log_rewards(mode, prompts, completions, rewards_per_func, rewards, signal, group_size)
+
+        batch = self._pad(prompt_ids, completion_ids)
+        rank, rows = self.accelerator.process_index, len(prompts)
+        batch[self._signal_key] = signal[rank * rows : (rank + 1) * rows]
+        batch["num_items_in_batch"] = self.accelerator.gather(batch["completion_mask"].sum()).sum()
+        batch.update(draw_noise(
+            batch["prompt_mask"], self.sampler_config.completion_length, self.args.p_mask_prompt,
+            self._likelihood_estimator(), iterations=self.num_iterations if mode == "train" else 1,
+        ))
+        batch.update(self._behaviour_log_probs(batch, mode))
+        elapsed = time.perf_counter() - start
+        self._rollout_seconds += elapsed
+        self._log_world_means(mode, {"guidance/rollout_seconds": elapsed})
+        return batch
+
+    def _pad(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> dict[str, torch.Tensor]:
+        """Prompts left-padded, completions right-padded, with 0/1 masks: [B, P] and [B, C]."""
+        device, pad_id = self.accelerator.device, self.family.pad_token_id
+
+        def padded(rows, side):
+            tensors = [torch.tensor(row, dtype=torch.long, device=device) for row in rows]
+            ids = pad_sequence(tensors, batch_first=True, padding_value=pad_id, padding_side=side)
+            ones = [torch.ones_like(t) for t in tensors]
+            return ids, pad_sequence(ones, batch_first=True, padding_value=0, padding_side=side)
+
+        prompt_ids, prompt_mask = padded(prompt_ids, "left")
+        completion_ids, completion_mask = padded(completion_ids, "right")
+        return {"prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
+                "completion_ids": completion_ids, "completion_mask": completion_mask}
+
+    # ------------------------------------------------------------------------------------------------ learner
+    def _log_probs(self, model, inputs: dict, iteration: int) -> torch.Tensor:
+        """[B, C] log-probs of the completions under `model`, with the batch's `iteration`-th noise draw."""
+        return completion_log_probs(
+            model, self.family, inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"],
+            inputs["prompt_noise"][:, iteration], inputs["completion_noise"][:, iteration],
+        )
+
+    def _token_weights(self, inputs: dict, iteration: int) -> torch.Tensor:
+        return token_weights(inputs["completion_mask"], inputs["completion_noise"][:, iteration],
+                             inputs["mask_rate"][:, iteration])
+
+    def _accumulation_steps(self) -> int:
+        return self.current_gradient_accumulation_steps if self.model.training else 1
+
+    def _get_per_token_logps_and_entropies(self, *args, **kwargs):
+        raise NotImplementedError(
+            "TRL's causal log-prob path does not apply to masked diffusion LMs; use rgrl.trainers.likelihood."
+        )
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        start, rollout_before = time.perf_counter(), self._rollout_seconds
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        learner = time.perf_counter() - start - (self._rollout_seconds - rollout_before)
+        self._log_world_means("train", {"guidance/learner_seconds": learner})
+        return loss
+
+    # ------------------------------------------------------------------------------------------------ metrics
+    def _log_world_means(self, mode: str, metrics: dict[str, float]) -> None:
+        """Append the mean over processes of each value (every process must pass the same names, in order)."""
+        values = torch.tensor([list(metrics.values())], dtype=torch.float32, device=self.accelerator.device)
+        means = self.accelerator.gather(values).mean(dim=0).tolist()
+        for name, value in zip(metrics, means):
+            self._metrics[mode][name].append(value)
+
+    def _log_rewards(self, mode, prompts, completions, rewards_per_func, rewards, signal, group_size) -> None:
+        """TRL's reward metrics and completion logs, from world tensors ([N, F], [N], [N])."""
+        metrics = self._metrics[mode]
+        for i, name in enumerate(self.reward_func_names):
+            metrics[f"rewards/{name}/mean"].append(torch.nanmean(rewards_per_func[:, i]).item())
+            metrics[f"rewards/{name}/std"].append(nanstd(rewards_per_func[:, i]).item())
+        metrics["reward"].append(torch.nanmean(rewards).item())
+        metrics["reward_std"].append(nanstd(rewards).item())
+        if group_size > 1:
+            group_std = nanstd(rewards.view(-1, group_size), dim=1)
+            metrics["frac_reward_zero_std"].append(torch.isclose(group_std, torch.zeros_like(group_std)).float()
+                                                   .mean().item())
+
+        self._logs["prompt"].extend(gather_object(prompts))
+        self._logs["completion"].extend(gather_object(completions))
+        for i, name in enumerate(self.reward_func_names):
+            self._logs["rewards"][name].extend(rewards_per_func[:, i].tolist())
+        self._logs["advantages"].extend(signal.tolist())
+
+        # What reward functions logged through TRL's `log_extra` / `log_metric` kwargs, gathered in sorted order.
+        for column in sorted(set(gather_object(list(self._pending_extra_logs)))):
+            values = self._pending_extra_logs.get(column, [None] * len(prompts))
+            self._logs["extra"][column].extend(gather_object(values))
+        self._pending_extra_logs.clear()
+        for name in sorted(set(gather_object(list(self._pending_metrics)))):
+            values = self._pending_metrics.get(name, [])
+            local = torch.tensor([sum(values), len(values)], dtype=torch.float32, device=self.accelerator.device)
+            total, count = self.accelerator.gather(local).view(-1, 2).sum(dim=0).tolist()
+            metrics[name].append(total / max(count, 1))
+        self._pending_metrics.clear()

@@ -1,0 +1,54 @@
+"""Configuration of the RGRL learner (DESIGN.md §5.1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rgrl.trainers.base import MaskedDiffusionConfig
+from rgrl.trainers.likelihood import ESTIMATORS
+
+SAMPLE_WEIGHTINGS = ("uniform", "softmax", "best_of_k")
+
+
+@dataclass
+class RGRLConfig(MaskedDiffusionConfig):
+    """`GRPOConfig` for RGRL: maximise the likelihood of reward-guided completions of the current policy.
+
+    Parameters (beyond `MaskedDiffusionConfig`'s):
+        sample_weighting: how the K completions of a prompt are weighted in the loss: "uniform" (the paper's
+            online SFT), "softmax" (K·softmax(r/β) over the group) or "best_of_k" (all weight on the best).
+        sample_weighting_beta: β of the softmax weighting.
+        likelihood_estimator: "one_step" (completion fully masked, prompt masked with p_mask_prompt; the paper's)
+            or "elbo" (mask rate t ~ U(0,1) on the completion, masked positions weighted 1/t).
+
+    RGRL has no ratio, clipping or KL: `beta` must be 0 and `num_iterations` 1, and GRPO's loss options
+    (`loss_type`, `epsilon`, `epsilon_high`, `scale_rewards`, `use_bias_correction_kl`) must stay unset.
+    """
+
+    p_mask_prompt: float = field(default=0.3, metadata={"help": "Probability of masking each prompt token."})
+    sample_weighting: str = field(
+        default="uniform", metadata={"help": "uniform, softmax or best_of_k weighting of the K completions."}
+    )
+    sample_weighting_beta: float = field(default=1.0, metadata={"help": "Temperature β of softmax(r/β)."})
+    likelihood_estimator: str = field(default="one_step", metadata={"help": "one_step or elbo."})
+    scale_rewards: str = field(default="none", metadata={"help": "Unused by RGRL."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.sample_weighting not in SAMPLE_WEIGHTINGS:
+            raise ValueError(f"sample_weighting must be one of {SAMPLE_WEIGHTINGS}, got {self.sample_weighting!r}.")
+        if self.sample_weighting_beta <= 0:
+            raise ValueError(f"sample_weighting_beta must be > 0, got {self.sample_weighting_beta}.")
+        if self.likelihood_estimator not in ESTIMATORS:
+            raise ValueError(f"likelihood_estimator must be one of {ESTIMATORS}, got {self.likelihood_estimator!r}.")
+        if self.beta != 0.0:
+            raise ValueError(f"RGRL has no KL term: beta must be 0, got {self.beta}.")
+        if self.num_iterations != 1:
+            raise ValueError(f"RGRL learns once per rollout: num_iterations must be 1, got {self.num_iterations}.")
+        defaults = type(self).__dataclass_fields__
+        for name in ("loss_type", "epsilon", "epsilon_high", "scale_rewards", "use_bias_correction_kl"):
+            if getattr(self, name) != defaults[name].default:
+                raise ValueError(
+                    f"RGRL does not use `{name}` (no advantages, ratio or KL); remove it. For a weighting of the "
+                    "K completions by reward, set sample_weighting."
+                )
