@@ -107,3 +107,18 @@ def test_missing_local_path_is_a_clear_error(tmp_path):
         load_tokenizer(str(tmp_path / "missing"))
     with pytest.raises(FileNotFoundError, match="does not exist"):
         DLLMConfig(path="tiny:dream", adapter=str(tmp_path / "no_adapter")).check_paths()
+
+
+@pytest.mark.parametrize("name", ["dream", "llada"])
+def test_completion_logits_project_only_the_needed_rows_and_match_the_full_forward(request, name):
+    loaded = request.getfixturevalue(name)
+    model, family = loaded.model, loaded.family
+    input_ids = torch.randint(0, 400, (2, 12))
+    attention_mask = torch.ones(2, 12, dtype=torch.bool)
+    attention_mask[1, :3] = False  # left padding
+    full = family.aligned_logits(model(input_ids=input_ids, attention_mask=attention_mask).logits, start=7)
+    kept = family.completion_logits(model, input_ids, attention_mask, num_slots=5)
+    assert kept.shape == full.shape == (2, 5, model.config.vocab_size)
+    assert torch.allclose(kept, full, atol=1e-6)
+    tail = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=6).logits
+    assert tail.shape[1] == 6  # the vocabulary projection ran on 6 rows, not 12

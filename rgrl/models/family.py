@@ -8,6 +8,8 @@ masked diffusion LM works when the recipe supplies the missing settings explicit
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -123,6 +125,19 @@ class DiffusionFamily:
             return logits[:, start - 1 : -1]
         return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
 
+    def completion_logits(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_slots: int):
+        """One forward of `model` -> aligned logits [B, num_slots, V] of the last `num_slots` positions.
+
+        input_ids/attention_mask: [B, N], the completion slots last. Models that accept `logits_to_keep` (rgrl's
+        native ones) project only the N - start rows needed: num_slots + 1 for a shifted family, else num_slots.
+        """
+        keep = num_slots + 1 if self.shifted_logits else num_slots
+        if _accepts_logits_to_keep(model):
+            logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+        else:
+            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -keep:]
+        return self.aligned_logits(logits, start=keep - num_slots)
+
     def render_prompt(self, tokenizer, messages: list[dict] | str) -> str:
         """Render a user prompt (text or chat messages) with the chat template, ready for the assistant turn."""
         if isinstance(messages, str):
@@ -136,6 +151,16 @@ class DiffusionFamily:
         return tokenizer.apply_chat_template(
             messages, chat_template=template, tokenize=False, add_generation_prompt=True
         )
+
+
+def _accepts_logits_to_keep(model) -> bool:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # through peft's wrapper
+    return _forward_takes(type(base), "logits_to_keep")
+
+
+@functools.cache
+def _forward_takes(model_class: type, name: str) -> bool:
+    return name in inspect.signature(model_class.forward).parameters
 
 
 def _token_id(tokenizer, token: str | None) -> int | None:

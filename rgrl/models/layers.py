@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.masking_utils import create_bidirectional_mask
+from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
 
@@ -188,6 +189,45 @@ def bidirectional_attention_mask(
     )
 
 
+def embed_inputs(
+    embedding: nn.Embedding, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None, kwargs: dict
+) -> torch.Tensor:
+    """Validate the forward arguments and return the input embeddings [B, L, hidden]."""
+    check_forward_kwargs(kwargs)
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+    return embedding(input_ids) if inputs_embeds is None else inputs_embeds
+
+
+def run_decoder(
+    config,
+    layers: nn.ModuleList,
+    final_norm: nn.Module,
+    rotary_emb: "RotaryEmbedding",
+    hidden_states: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor,
+    rope_dtype: torch.dtype,
+    output_hidden_states: bool | None,
+    return_dict: bool | None,
+) -> BaseModelOutput | tuple:
+    """The layer stack of both families: hidden_states [B, L, hidden] -> normed last_hidden_state [B, L, hidden]."""
+    mask = bidirectional_attention_mask(config, hidden_states, attention_mask)
+    position_embeddings = rotary_emb(position_ids, dtype=rope_dtype)
+    all_hidden_states = []
+    for layer in layers:
+        all_hidden_states.append(hidden_states)
+        hidden_states = layer(hidden_states, attention_mask=mask, position_embeddings=position_embeddings)
+    hidden_states = final_norm(hidden_states)
+    all_hidden_states.append(hidden_states)
+    if output_hidden_states is None:
+        output_hidden_states = config.output_hidden_states
+    output = BaseModelOutput(
+        last_hidden_state=hidden_states, hidden_states=tuple(all_hidden_states) if output_hidden_states else None
+    )
+    return output if (config.return_dict if return_dict is None else return_dict) else output.to_tuple()
+
+
 def check_forward_kwargs(kwargs: dict) -> None:
     """Diffusion LMs decode without a KV cache: accept `use_cache`, refuse a cache or other requests outright.
 
@@ -230,3 +270,38 @@ class MaskedDiffusionPreTrainedModel(PreTrainedModel):
             f"{type(self).__name__} is a masked diffusion model without autoregressive generate(); "
             "sample with rgrl.sampling instead."
         )
+
+
+class MaskedLMForward:
+    """The forward of both LM classes: the base model (`self.model`), then the output matrix on the kept positions."""
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | str | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> MaskedLMOutput | tuple:
+        """Logits [B, L, vocab] in the model dtype (see the base model's forward for the inputs).
+
+        logits_to_keep: if > 0, only the last `logits_to_keep` positions get logits ([B, logits_to_keep, vocab]),
+        which spares the vocabulary projection of a long prompt (transformers' convention).
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            output_hidden_states=output_hidden_states,
+            return_dict=True,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        if logits_to_keep:
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        output = MaskedLMOutput(logits=self.get_output_embeddings()(hidden_states), hidden_states=outputs.hidden_states)
+        return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()

@@ -10,17 +10,18 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
+from transformers.modeling_outputs import BaseModelOutput
 
 from rgrl.models.configuration_dream import DreamConfig
 from rgrl.models.layers import (
     MaskedDiffusionPreTrainedModel,
+    MaskedLMForward,
     RMSNorm,
     RotaryEmbedding,
     bidirectional_attention,
-    bidirectional_attention_mask,
-    check_forward_kwargs,
+    embed_inputs,
     gated_mlp,
+    run_decoder,
 )
 
 
@@ -124,39 +125,21 @@ class DreamBaseModel(DreamPreTrainedModel):
         position_ids default to (cumsum(mask) - 1).clamp(min=0) for a 2-D mask, so left pads shift nothing, else
         to 0..L-1.
         """
-        check_forward_kwargs(kwargs)
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        inputs_embeds = embed_inputs(self.embed_tokens, input_ids, inputs_embeds, kwargs)
         if isinstance(attention_mask, str):  # upstream's generation code passes "full" for an unpadded batch
             if attention_mask != "full":
                 raise ValueError(f"attention_mask string must be 'full', got {attention_mask!r}.")
             attention_mask = None
-        if inputs_embeds is None:
-            inputs_embeds = self.embed_tokens(input_ids)
         if position_ids is None:
             if attention_mask is not None and attention_mask.ndim == 2:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
             else:
                 position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)[None]
-        mask = bidirectional_attention_mask(self.config, inputs_embeds, attention_mask)
-        position_embeddings = self.rotary_emb(position_ids, dtype=inputs_embeds.dtype)
-
-        hidden_states, all_hidden_states = inputs_embeds, []
-        for layer in self.layers:
-            all_hidden_states.append(hidden_states)
-            hidden_states = layer(hidden_states, attention_mask=mask, position_embeddings=position_embeddings)
-        hidden_states = self.norm(hidden_states)
-        all_hidden_states.append(hidden_states)
-
-        if output_hidden_states is None:
-            output_hidden_states = self.config.output_hidden_states
-        output = BaseModelOutput(
-            last_hidden_state=hidden_states, hidden_states=tuple(all_hidden_states) if output_hidden_states else None
-        )
-        return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
+        return run_decoder(self.config, self.layers, self.norm, self.rotary_emb, inputs_embeds, attention_mask,
+                           position_ids, inputs_embeds.dtype, output_hidden_states, return_dict)
 
 
-class DreamModel(DreamPreTrainedModel):
+class DreamModel(MaskedLMForward, DreamPreTrainedModel):
     """Dream with its LM head: forward -> MaskedLMOutput with logits [B, L, vocab] (position i predicts token i+1)."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
@@ -178,29 +161,6 @@ class DreamModel(DreamPreTrainedModel):
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.lm_head = value
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | str | None = None,
-        position_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> MaskedLMOutput | tuple:
-        """See `DreamBaseModel.forward`; returns logits [B, L, vocab] in the model dtype."""
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-            **kwargs,
-        )
-        output = MaskedLMOutput(logits=self.lm_head(outputs.last_hidden_state), hidden_states=outputs.hidden_states)
-        return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 
 
 __all__ = ["DreamPreTrainedModel", "DreamBaseModel", "DreamModel"]

@@ -11,17 +11,18 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_outputs import BaseModelOutput, MaskedLMOutput
+from transformers.modeling_outputs import BaseModelOutput
 
 from rgrl.models.configuration_llada import LLADA_ACTIVATIONS, LLaDAConfig
 from rgrl.models.layers import (
     MaskedDiffusionPreTrainedModel,
+    MaskedLMForward,
     RMSNorm,
     RotaryEmbedding,
     bidirectional_attention,
-    bidirectional_attention_mask,
-    check_forward_kwargs,
+    embed_inputs,
     gated_mlp,
+    run_decoder,
 )
 
 
@@ -113,33 +114,16 @@ class LLaDAModel(LLaDAPreTrainedModel):
         attention_mask: None or a 2-D [B, L] padding mask (1 = token, 0 = pad; pads are hidden as keys).
         position_ids: default 0..L-1.
         """
-        check_forward_kwargs(kwargs)
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        if inputs_embeds is None:
-            inputs_embeds = self.transformer.wte(input_ids)
+        inputs_embeds = embed_inputs(self.transformer.wte, input_ids, inputs_embeds, kwargs)
         if position_ids is None:
             position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)[None]
-        mask = bidirectional_attention_mask(self.config, inputs_embeds, attention_mask)
         rope_dtype = torch.float32 if self.config.rope_full_precision else inputs_embeds.dtype
-        position_embeddings = self.rotary_emb(position_ids, dtype=rope_dtype)
-
-        hidden_states, all_hidden_states = self.embedding_dropout(inputs_embeds), []
-        for block in self.transformer.blocks:
-            all_hidden_states.append(hidden_states)
-            hidden_states = block(hidden_states, attention_mask=mask, position_embeddings=position_embeddings)
-        hidden_states = self.transformer.ln_f(hidden_states)
-        all_hidden_states.append(hidden_states)
-
-        if output_hidden_states is None:
-            output_hidden_states = self.config.output_hidden_states
-        output = BaseModelOutput(
-            last_hidden_state=hidden_states, hidden_states=tuple(all_hidden_states) if output_hidden_states else None
-        )
-        return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
+        return run_decoder(self.config, self.transformer.blocks, self.transformer.ln_f, self.rotary_emb,
+                           self.embedding_dropout(inputs_embeds), attention_mask, position_ids, rope_dtype,
+                           output_hidden_states, return_dict)
 
 
-class LLaDAModelLM(LLaDAPreTrainedModel):
+class LLaDAModelLM(MaskedLMForward, LLaDAPreTrainedModel):
     """LLaDA with logits: forward -> MaskedLMOutput with logits [B, L, embedding_size] (position i predicts token i)."""
 
     def __init__(self, config: LLaDAConfig):
@@ -158,30 +142,6 @@ class LLaDAModelLM(LLaDAPreTrainedModel):
 
     def set_output_embeddings(self, value: nn.Linear) -> None:
         self.model.transformer.ff_out = value
-
-    def forward(
-        self,
-        input_ids: torch.LongTensor | None = None,
-        attention_mask: torch.Tensor | None = None,
-        position_ids: torch.LongTensor | None = None,
-        inputs_embeds: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> MaskedLMOutput | tuple:
-        """See `LLaDAModel.forward`; returns logits [B, L, embedding_size] in the model dtype."""
-        outputs = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            inputs_embeds=inputs_embeds,
-            output_hidden_states=output_hidden_states,
-            return_dict=True,
-            **kwargs,
-        )
-        logits = self.model.transformer.ff_out(outputs.last_hidden_state)
-        output = MaskedLMOutput(logits=logits, hidden_states=outputs.hidden_states)
-        return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()
 
 
 __all__ = ["LLaDAPreTrainedModel", "LLaDAModel", "LLaDAModelLM"]

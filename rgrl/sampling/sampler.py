@@ -162,7 +162,7 @@ class DiffusionSampler:
             for step in self.plan:
                 slots = canvas[:, prompt_length:]
                 masked = slots == family.mask_token_id
-                logits = self._completion_logits(canvas, attention_mask, prompt_length)
+                logits = self._completion_logits(canvas, attention_mask, length)
                 stats.dllm_forwards += 1
                 guided = logits
                 if self.guidance is not None:
@@ -196,10 +196,9 @@ class DiffusionSampler:
         rows = [ids[keep].tolist() for ids, keep in zip(completion_ids, before_stop)]
         return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
 
-    def _completion_logits(self, canvas: torch.Tensor, attention_mask: torch.Tensor, prompt_length: int):
+    def _completion_logits(self, canvas: torch.Tensor, attention_mask: torch.Tensor, length: int):
         """Aligned fp32 logits of the completion slots [B, L, V], impossible tokens at -inf."""
-        logits = self.model(input_ids=canvas, attention_mask=attention_mask).logits
-        logits = self.family.aligned_logits(logits, start=prompt_length).float()
+        logits = self.family.completion_logits(self.model, canvas, attention_mask, length).float()
         logits[..., self.family.mask_token_id] = -math.inf  # never "reveal" a mask
         if self.family.num_tokens < logits.shape[-1]:
             logits[..., self.family.num_tokens:] = -math.inf  # embedding rows that are no token

@@ -82,7 +82,7 @@ def completion_log_probs(
         [B, C] float32. Values at padding and (for the ELBO) unmasked positions are meaningless; weigh them
         with `token_weights`.
     """
-    batch, prompt_length = prompt_ids.shape
+    batch = prompt_ids.shape[0]
     canvas_length, length = completion_noise.shape[1], completion_ids.shape[1]
     if length > canvas_length:
         raise ValueError(f"Completions of {length} tokens do not fit the canvas of {canvas_length} slots.")
@@ -92,8 +92,7 @@ def completion_log_probs(
     noised_prompt = prompt_ids.masked_fill(prompt_noise & prompt_mask.bool(), family.mask_token_id)
     input_ids = torch.cat([noised_prompt, canvas], dim=1)
     attention_mask = torch.cat([prompt_mask.bool(), torch.ones_like(canvas, dtype=torch.bool)], dim=1)
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-    logits = family.aligned_logits(logits, start=prompt_length)[:, :length].float()  # [B, C, V]
+    logits = family.completion_logits(model, input_ids, attention_mask, canvas_length)[:, :length].float()
     return logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
 
 
