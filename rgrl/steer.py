@@ -80,6 +80,7 @@ class MethodRun:
     dllm_forwards: float
     rm_forward_backward: float
     seconds: float
+    entropy_weight: float | None  # mean EntRGi weight w of the guided proposals (None when unguided)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -107,7 +108,8 @@ def check_before_loading(recipe: SteerRecipe) -> None:
         import_function(name)
 
 
-def run(recipe: SteerRecipe) -> Path:
+def run(recipe: SteerRecipe) -> list[dict]:
+    """Sample, score and tabulate every method and seed of `recipe`; returns the summary rows (also written)."""
     device = torch.device(recipe.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     output_dir = Path(recipe.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -151,7 +153,7 @@ def run(recipe: SteerRecipe) -> Path:
 
     rows = summarize(runs, recipe.num_samples)
     write_summary(output_dir, rows, recipe)
-    return output_dir
+    return rows
 
 
 def sample_and_score(sampler: DiffusionSampler, reward_model, prompts: list, num_samples: int, batch_size: int,
@@ -159,7 +161,8 @@ def sample_and_score(sampler: DiffusionSampler, reward_model, prompts: list, num
     """Sample `num_samples` completions per prompt in batches of `batch_size` rows, and score them."""
     prompts_per_batch = max(1, batch_size // num_samples)
     rewards, texts, extra = [], [], {name: [] for name in metric_functions}
-    forwards = rm_passes = seconds = 0.0
+    forwards = rm_passes = seconds = weight_sum = 0.0
+    guided_steps = 0
     for start in tqdm(range(0, len(prompts), prompts_per_batch), desc=desc, unit="batch"):
         chunk = prompts[start : start + prompts_per_batch]
         # the same seed for every method at this (seed, batch): guided and unguided runs share their randomness
@@ -173,9 +176,12 @@ def sample_and_score(sampler: DiffusionSampler, reward_model, prompts: list, num
         forwards += out.stats.dllm_forwards * out.stats.rows
         rm_passes += out.stats.guidance.rm_forward_backward * out.stats.rows
         seconds += out.stats.seconds
+        weight_sum += out.stats.guidance.entropy_weight_sum
+        guided_steps += out.stats.guidance.steps
     total = len(prompts) * num_samples
     return MethodRun(texts=texts, rewards=torch.cat(rewards), metrics={k: torch.cat(v) for k, v in extra.items()},
-                     dllm_forwards=forwards / total, rm_forward_backward=rm_passes / total, seconds=seconds)
+                     dllm_forwards=forwards / total, rm_forward_backward=rm_passes / total, seconds=seconds,
+                     entropy_weight=weight_sum / guided_steps if guided_steps else None)
 
 
 def write_jsonl(path: Path, prompts: list, result: MethodRun) -> None:
@@ -217,6 +223,8 @@ def summarize(runs: dict[str, list[MethodRun]], num_samples: int) -> list[dict]:
         row["dllm_forwards_per_sample"] = statistics.fmean(r.dllm_forwards for r in per_seed)
         row["rm_fwd_bwd_per_sample"] = statistics.fmean(r.rm_forward_backward for r in per_seed)
         row["seconds_per_prompt"] = statistics.fmean(r.seconds / r.rewards.shape[0] for r in per_seed)
+        weights = [r.entropy_weight for r in per_seed if r.entropy_weight is not None]
+        row["entropy_weight"] = statistics.fmean(weights) if weights else None
         rows.append(row)
     return rows
 
@@ -224,6 +232,8 @@ def summarize(runs: dict[str, list[MethodRun]], num_samples: int) -> list[dict]:
 def write_summary(output_dir: Path, rows: list[dict], recipe: SteerRecipe) -> None:
     columns = [c for c in rows[0] if c != "method"]
     def cell(value):
+        if value is None:
+            return "–"
         if isinstance(value, tuple):
             return f"{value[0]:.3f} ± {value[1]:.3f}"
         return f"{value:.3g}" if isinstance(value, float) else str(value)
@@ -251,7 +261,7 @@ def write_summary(output_dir: Path, rows: list[dict], recipe: SteerRecipe) -> No
         for row in rows:
             values = [row["method"]]
             for c in columns:
-                values += list(row[c]) if isinstance(row[c], tuple) else [row[c]]
+                values += list(row[c]) if isinstance(row[c], tuple) else ["" if row[c] is None else row[c]]
             writer.writerow(values)
     os.replace(output_dir / "summary.csv.tmp", output_dir / "summary.csv")
     print(text)

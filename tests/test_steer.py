@@ -74,7 +74,7 @@ def test_mean_sem_is_the_standard_error_of_the_mean():
 def test_summary_top1_and_avg_against_a_direct_computation():
     rewards = [torch.tensor([[0.0, 1.0], [3.0, 2.0]]), torch.tensor([[1.0, 1.0], [0.0, 4.0]])]
     runs = {"none": [steer.MethodRun(texts=[], rewards=r, metrics={"gt": (r > 1.5).float()}, dllm_forwards=8,
-                                     rm_forward_backward=0, seconds=1.0) for r in rewards]}
+                                     rm_forward_backward=0, seconds=1.0, entropy_weight=None) for r in rewards]}
     (row,) = steer.summarize(runs, num_samples=2)
     assert row["top1"][0] == pytest.approx((2.0 + 2.5) / 2)  # seed means of the per-prompt maxima
     assert row["avg"][0] == pytest.approx((1.5 + 1.5) / 2)
