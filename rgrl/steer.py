@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from rgrl.data import PromptDataConfig, load_prompts
 from rgrl.guidance import GUIDANCE_METHODS, GuidanceConfig, RewardGuidance
-from rgrl.models.loading import DLLMConfig
+from rgrl.models.loading import DLLMConfig, num_logit_rows
 from rgrl.recipe import RecipeError, load_recipe, to_plain
 from rgrl.rewards import RewardModelConfig, import_function
 from rgrl.sampling import DiffusionSampler, SamplerConfig
@@ -115,7 +115,7 @@ def run(recipe: SteerRecipe) -> list[dict]:
     output_dir.mkdir(parents=True, exist_ok=True)
     dllm = recipe.model.load(device)
     reward_model = recipe.reward_model.load(device)
-    bridge = recipe.reward_model.bridge(dllm.tokenizer, dllm.model.config.vocab_size, reward_model)
+    bridge = recipe.reward_model.bridge(dllm.tokenizer, num_logit_rows(dllm.model), reward_model)
     logger.info(f"vocabulary bridge: {bridge.summary()}")
     metric_functions = {name.rsplit(":", 1)[-1]: import_function(name) for name in recipe.metrics}
 

@@ -42,7 +42,7 @@ import yaml
 
 from rgrl.data import PromptDataConfig
 from rgrl.guidance import GuidanceConfig
-from rgrl.models.loading import DLLMConfig, resolve_checkpoint
+from rgrl.models.loading import DLLMConfig, num_logit_rows, resolve_checkpoint
 from rgrl.recipe import RecipeError, build_dataclass, parse_overrides, read_recipe, to_plain
 from rgrl.rewards import RewardModelConfig, import_function
 from rgrl.sampling import SamplerConfig
@@ -290,10 +290,15 @@ def describe(loaded: LoadedRecipe) -> str:
 @contextlib.contextmanager
 def _replicated_loading(args):
     """Load frozen reward models whole on every process: under a ZeRO-3 config, `from_pretrained` would
-    otherwise partition them, and guidance needs every weight of the reward model on every process."""
+    otherwise partition them, and guidance needs every weight of the reward model on every process.
+
+    The DeepSpeed config `from_pretrained` consults is `args.hf_deepspeed_config` when the recipe sets
+    `training.deepspeed`, and the one accelerate's DeepSpeed plugin holds under `accelerate launch` with a
+    DeepSpeed config (then `args.hf_deepspeed_config` is None)."""
     from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
 
-    hf_deepspeed_config = getattr(args, "hf_deepspeed_config", None)
+    plugin = getattr(args, "deepspeed_plugin", None)
+    hf_deepspeed_config = getattr(args, "hf_deepspeed_config", None) or getattr(plugin, "dschf", None)
     if hf_deepspeed_config is None:
         yield
         return
@@ -356,8 +361,7 @@ def run(loaded: LoadedRecipe):
     if isinstance(recipe, RGRLRecipe):
         guidance = None
         if guided:
-            rows = model.get_input_embeddings().weight.shape[0]
-            bridge = recipe.guidance_model.bridge(dllm.tokenizer, rows, guidance_rm)
+            bridge = recipe.guidance_model.bridge(dllm.tokenizer, num_logit_rows(model), guidance_rm)
             logger.info(f"Vocabulary bridge {recipe.model.path} -> {recipe.guidance_model.path}: {bridge.summary()}")
             guidance = RewardGuidance(recipe.guidance, guidance_rm, bridge)
         trainer = RGRLTrainer(model, reward_funcs, args, guidance=guidance, **common)

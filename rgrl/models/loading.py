@@ -163,6 +163,12 @@ def load_dllm(
     return LoadedDLLM(model=model, tokenizer=tokenizer, family=family)
 
 
+def num_logit_rows(model) -> int:
+    """V, the number of logit rows (output embedding rows) of a dLLM, also when ZeRO-3 partitions the weight."""
+    weight = model.get_output_embeddings().weight
+    return getattr(weight, "ds_shape", weight.shape)[0]
+
+
 def _default_device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
