@@ -324,6 +324,8 @@ def test_trl_contract_metric_names(rgrl_run):
     evaluation = next(entry for entry in history if "eval_reward" in entry)
     assert {"eval_rewards/tiny_rm/mean", "eval_completions/mean_length", "eval_loss"} <= set(evaluation)
     assert not any(key.startswith("eval_guidance/entropy") for key in evaluation), "evaluation rollouts are unguided"
+    with pytest.raises(RuntimeError, match="causal log-prob path"):  # the guard against TRL's causal scoring
+        trainer._get_per_token_logps_and_entropies(trainer.model, None, None, None)
 
 
 def test_diffu_grpo_run_logs_zero_kl_first(tmp_path, reward_model):

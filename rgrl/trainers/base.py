@@ -17,6 +17,7 @@ Pinned to TRL 1.16: the private methods overridden or called here are listed in 
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import math
 import time
@@ -165,7 +166,7 @@ def sync_sampling_args(args: GRPOConfig, sampler: SamplerConfig) -> None:
     args.max_completion_length = sampler.completion_length
 
 
-class MaskedDiffusionTrainer(GRPOTrainer):
+class MaskedDiffusionTrainer(GRPOTrainer, metaclass=abc.ABCMeta):
     """`GRPOTrainer` whose rollouts and log-likelihoods are those of a masked diffusion LM.
 
     Args:
@@ -233,9 +234,9 @@ class MaskedDiffusionTrainer(GRPOTrainer):
             )
 
     # ------------------------------------------------------------------------------------------------ hooks
+    @abc.abstractmethod
     def _per_sample_signal(self, rewards: torch.Tensor, group_size: int) -> torch.Tensor:
         """World rewards [N] (groups of `group_size` consecutive rows, NaN = unscorable) -> signal [N]."""
-        raise NotImplementedError
 
     def _behaviour_log_probs(self, batch: dict, mode: str) -> dict:
         """Extra no-grad log-probs to store in the batch (diffu-GRPO: old and reference)."""
@@ -330,7 +331,7 @@ class MaskedDiffusionTrainer(GRPOTrainer):
         return self.current_gradient_accumulation_steps if self.model.training else 1
 
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
-        raise NotImplementedError(
+        raise RuntimeError(
             "TRL's causal log-prob path does not apply to masked diffusion LMs; use rgrl.trainers.likelihood."
         )
 
