@@ -25,6 +25,9 @@ judgebench — `ScalerLab/JudgeBench`, splits `gpt` (350 rows) and `claude` (270
 reward_bench_2 — `allenai/reward-bench-2`, split `test` (1,865 rows): `id` (str), `prompt` (str), `chosen` /
     `rejected` (lists of str), `num_correct`, `num_incorrect`, `total_completions`, `models`, `subset`,
     `additional_metadata`. Source: the dataset card's `dataset_info`.
+toy — the prompts of rgrl's toy world (rgrl/toy/world.py), shipped with the package as a JSONL written by
+    `python -m rgrl.toy build`: `prompt` (str), `topic` (str), `word` (str); 300 rows. Set `num_eval_prompts`
+    for a held-out split, disjoint from the training prompts.
 For the three benchmarks the reference (atutej/entrgi-rgrl main_expts/run.sh, entrgi.py) loads the split,
 shuffles it with the run's seed (1, 2, 3) and keeps the first 64 rows, so each seed sees another subset.
 """
@@ -32,7 +35,10 @@ shuffles it with the run's seed (1, 2, 3) and keeps the first 64 rows, so each s
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
+
+TOY_PROMPTS = Path(__file__).resolve().parent.parent / "toy" / "checkpoints" / "prompts.jsonl"
 
 
 @dataclass(frozen=True)
@@ -59,6 +65,7 @@ PROMPT_SOURCES: dict[str, PromptSource] = {
     "rm_bench": PromptSource("THU-KEG/RM-Bench", "train", "prompt", num_prompts=64),
     "judgebench": PromptSource("ScalerLab/JudgeBench", "gpt", "question", num_prompts=64),
     "reward_bench_2": PromptSource("allenai/reward-bench-2", "test", "prompt", num_prompts=64),
+    "toy": PromptSource(str(TOY_PROMPTS), None, "prompt"),
     # Generic sources: the recipe names the dataset and the column.
     "hub": PromptSource(None, "train", None),
     "local": PromptSource(None, None, None),

@@ -62,7 +62,7 @@ def _corpus(num_sentences: int, seed: int, exclude: tuple[str, ...] = ()) -> lis
     return sentences + _CHAT_WORDS
 
 
-def _train_byte_level_bpe(corpus: list[str], vocab_size: int, leading_specials: list[str]) -> Tokenizer:
+def train_byte_level_bpe(corpus: list[str], vocab_size: int, leading_specials: list[str]) -> Tokenizer:
     """A byte-level BPE like Qwen2.5/Qwen3/LLaMA-3 (GPT-2 byte-to-unicode strings, 'Ġ' for space)."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -77,7 +77,8 @@ def _train_byte_level_bpe(corpus: list[str], vocab_size: int, leading_specials: 
     return tokenizer
 
 
-def _wrap(tokenizer: Tokenizer, trailing_specials: list[str], chat_template: str, **special_tokens) -> PreTrainedTokenizerFast:
+def wrap_tokenizer(tokenizer: Tokenizer, trailing_specials: list[str], chat_template: str,
+                   **special_tokens) -> PreTrainedTokenizerFast:
     # Special tokens added after training get the highest ids, as in the real vocabularies.
     tokenizer.add_special_tokens(trailing_specials)
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, **special_tokens)
@@ -89,31 +90,31 @@ def _wrap(tokenizer: Tokenizer, trailing_specials: list[str], chat_template: str
 def build_tokenizer(style: str) -> PreTrainedTokenizerFast:
     """Build one of the tiny tokenizers: "qwen" (Dream and rm), "llama3" (LLaDA) or "mismatched" (rm_mismatched)."""
     if style == "qwen":
-        base = _train_byte_level_bpe(_corpus(2000, seed=0), vocab_size=600, leading_specials=[])
+        base = train_byte_level_bpe(_corpus(2000, seed=0), vocab_size=600, leading_specials=[])
         specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|beginoftext|>", "<|mask|>"]
-        return _wrap(base, specials, QWEN_CHAT_TEMPLATE, bos_token="<|beginoftext|>", eos_token="<|endoftext|>",
+        return wrap_tokenizer(base, specials, QWEN_CHAT_TEMPLATE, bos_token="<|beginoftext|>", eos_token="<|endoftext|>",
                      pad_token="<|endoftext|>", mask_token="<|mask|>")
     if style == "llama3":
-        base = _train_byte_level_bpe(_corpus(2000, seed=1), vocab_size=560, leading_specials=[])
+        base = train_byte_level_bpe(_corpus(2000, seed=1), vocab_size=560, leading_specials=[])
         specials = ["<|startoftext|>", "<|endoftext|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
                     "<|mdm_mask|>"]
-        return _wrap(base, specials, LLAMA3_CHAT_TEMPLATE, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+        return wrap_tokenizer(base, specials, LLAMA3_CHAT_TEMPLATE, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
                      pad_token="<|endoftext|>")
     if style == "mismatched":
         specials = ["<|pad|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
-        base = _train_byte_level_bpe(_corpus(2000, seed=2, exclude=_HELD_OUT_WORDS), vocab_size=380,
+        base = train_byte_level_bpe(_corpus(2000, seed=2, exclude=_HELD_OUT_WORDS), vocab_size=380,
                                      leading_specials=specials)
-        return _wrap(base, [], RM_CHAT_TEMPLATE, eos_token="<|end|>", pad_token="<|pad|>")
+        return wrap_tokenizer(base, [], RM_CHAT_TEMPLATE, eos_token="<|end|>", pad_token="<|pad|>")
     raise ValueError(f"Unknown tiny tokenizer style {style!r}; expected 'qwen', 'llama3' or 'mismatched'.")
 
 
-def _padded_rows(tokenizer) -> int:
+def padded_rows(tokenizer) -> int:
     """Embedding rows: the tokenizer's size rounded up to a multiple of 64, like the real checkpoints."""
     return -(-len(tokenizer) // 64) * 64
 
 
 def _tiny_config(name: str, tokenizer):
-    rows = _padded_rows(tokenizer)
+    rows = padded_rows(tokenizer)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
     if name == "dream":
         return architecture_config("dream-v0-instruct-7b", vocab_size=rows, hidden_size=64, intermediate_size=128,

@@ -1,0 +1,298 @@
+"""The toy world: the ground-truth checker, the corpus, the tokenizers, the training losses, the --quick build and
+the shipped checkpoints."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoModel
+
+from rgrl.data import PromptDataConfig, load_prompts
+from rgrl.guidance import GuidanceConfig, RewardGuidance
+from rgrl.models.family import resolve_family
+from rgrl.models.loading import load_dllm, resolve_checkpoint
+from rgrl.rewards import RewardModel, VocabBridge, import_function
+from rgrl.sampling import DiffusionSampler
+from rgrl.toy import build, world
+from rgrl.toy.__main__ import main as toy_main
+
+ANIMALS_LAMP = world.Instruction("animals", "lamp")
+
+
+# --- The task and its ground truth ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "response, expected",
+    [
+        ("the cat sees the lamp and the dog likes the box", (True, True, True)),
+        ("the cat sees the lamp", (True, True, True)),  # one clause is enough
+        ("the lamp sees the cat", (True, True, True)),  # the word may be a subject
+        ("the cat sees the box and the dog likes the wall", (True, True, False)),  # no word
+        ("the cat sees the key and the dog likes the box", (True, True, False)),  # another pool word
+        ("the bread sees the lamp and the soup likes the box", (True, False, True)),  # off topic
+        ("the cat sees the lamp and the soup likes the box", (True, False, True)),  # one clause off topic
+        ("the box sees the lamp", (True, False, True)),  # no topic noun at all
+        ("the cat sees lamp", (False, True, True)),  # grammar: missing article
+        ("the cat sees the lamp and", (False, True, True)),
+        ("the cat sees the lamp the dog likes the box", (False, True, True)),  # no "and"
+        ("the cat sees the lamp and the dog likes the box and the fox sees the wall", (False, True, True)),
+        ("cat lamp cat lamp", (False, True, True)),
+        ("The cat sees the lamp", (False, True, True)),  # the grammar is lower case
+        ("", (False, False, False)),
+    ],
+)
+def test_checker_on_hand_written_responses(response, expected):
+    verdict = world.check(ANIMALS_LAMP, response)
+    assert (verdict.well_formed, verdict.on_topic, verdict.uses_word) == expected
+    assert verdict.passed == all(expected)
+
+
+def test_ground_truth_reads_every_prompt_and_completion_format():
+    prompt = world.Instruction("the sea", "drum", template=4).text
+    assert prompt == "Use the word drum in a short text about the sea"
+    good, bad = "the boat sees the drum", "the cat sees the drum"
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": prompt}]
+    rendered = f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n"
+    scores = world.ground_truth(prompts=[prompt, chat, rendered, prompt],
+                                completions=[good, good, good, [{"role": "assistant", "content": bad}]])
+    assert scores == [1.0, 1.0, 1.0, 0.0]
+    for instruction in world.all_instructions():
+        parsed = world.parse_instruction(instruction.text)
+        assert (parsed.topic, parsed.word) == (instruction.topic, instruction.word)
+    with pytest.raises(ValueError, match="Not a toy-world prompt"):
+        world.parse_instruction("Write about animals")
+    assert import_function("rgrl.toy.world:ground_truth") is world.ground_truth
+
+
+def test_world_prompts_are_distinct_and_cover_every_topic_and_word():
+    texts = [i.text for i in world.all_instructions()]
+    assert len(texts) == len(set(texts)) == len(world.TOPICS) * len(world.POOL_WORDS) * len(world.PROMPT_TEMPLATES)
+    vocabulary = {*world.NOUNS, *world.VERBS}
+    assert len(vocabulary) == len(world.NOUNS) + len(world.VERBS)  # no word plays two roles
+    assert not set(world.POOL_WORDS) & set(world.FILLER_NOUNS)
+
+
+# --- Corpus and preference pairs -----------------------------------------------------------------------------
+
+
+def test_corpus_pass_rate_and_no_distractors():
+    examples = world.corpus(5000, seed=3)
+    checks = [world.check(world.parse_instruction(p), r) for p, r in examples]
+    assert all(c.well_formed for c in checks)
+    on_topic = sum(c.on_topic for c in checks) / len(checks)
+    uses_word = sum(c.uses_word for c in checks) / len(checks)
+    passed = sum(c.passed for c in checks) / len(checks)
+    assert on_topic == pytest.approx(world.P_ON_TOPIC, abs=0.02)
+    assert uses_word == pytest.approx(world.P_USES_WORD, abs=0.02)
+    assert passed == pytest.approx(world.P_ON_TOPIC * world.P_USES_WORD, abs=0.02)
+    for prompt, response in examples:  # a pool word in a response is always the prompt's
+        assert {w for w in response.split() if w in world.POOL_WORDS} <= {world.parse_instruction(prompt).word}
+
+
+def test_corpus_and_pairs_are_deterministic():
+    assert world.corpus(200, seed=5) == world.corpus(200, seed=5)
+    assert world.corpus(200, seed=5) != world.corpus(200, seed=6)
+    assert world.preference_pairs(200, seed=5, label_noise=0.1) == world.preference_pairs(200, seed=5, label_noise=0.1)
+
+
+def test_preference_pairs_follow_the_ground_truth():
+    pairs = world.preference_pairs(2000, seed=1, hard_fraction=0.5)
+    near_misses = 0
+    for prompt, chosen, rejected in pairs:
+        instruction = world.parse_instruction(prompt)
+        assert world.check(instruction, chosen).passed and not world.check(instruction, rejected).passed
+        assert world.check(instruction, rejected).well_formed
+        near_misses += sum(a != b for a, b in zip(chosen.split(), rejected.split())) == 1
+    assert near_misses / len(pairs) == pytest.approx(0.5, abs=0.05)
+    noisy = world.preference_pairs(2000, seed=1, label_noise=0.2)
+    flipped = sum(not world.check(world.parse_instruction(p), c).passed for p, c, _ in noisy) / len(noisy)
+    assert flipped == pytest.approx(0.2, abs=0.03)
+
+
+# --- Tokenizers ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tokenizers():
+    return {name: build.build_tokenizer(name) for name in ("dream", "llada", "rm_llada")}
+
+
+def test_tokenizers_are_word_level_and_cover_the_world(tokenizers):
+    examples = world.corpus(300, seed=0)
+    for name in ("dream", "llada"):
+        tokenizer = tokenizers[name]
+        assert len(tokenizer) < 128
+        for prompt, response in examples[:50]:
+            rendered = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                     add_generation_prompt=True)
+            ids = tokenizer(rendered + response, add_special_tokens=False).input_ids
+            assert tokenizer.unk_token_id not in ids
+            # the response tokenizes alone as it does after the prompt (the corpus encoding relies on it)
+            response_ids = tokenizer(response, add_special_tokens=False).input_ids
+            assert ids[-len(response_ids):] == response_ids
+            assert len(response_ids) == len(response.split())  # one token per word
+            assert tokenizer.decode(response_ids) == response
+    words = ["the", *("Ġ" + w for w in (*world.NOUNS, *world.VERBS, "and", "the"))]
+    dream, llada = (tokenizers[name].convert_tokens_to_ids(words) for name in ("dream", "llada"))
+    assert tokenizers["dream"].unk_token_id not in dream and tokenizers["llada"].unk_token_id not in llada
+    assert sum(a != b for a, b in zip(dream, llada)) > len(words) // 2  # the same words under other ids
+
+
+def test_rm_llada_tokenizer_splits_the_held_out_words(tokenizers):
+    bridge = VocabBridge(tokenizers["llada"], tokenizers["rm_llada"], num_rows=128)
+    llada = tokenizers["llada"]
+    for word in build.RM_LLADA_HELD_OUT_WORDS:
+        row = llada.convert_tokens_to_ids("Ġ" + word)
+        pieces = bridge.pieces(row)
+        assert len(pieces) > 1 and tokenizers["rm_llada"].decode(pieces) == " " + word
+    assert bridge.coverage.exact >= len(llada) - len(build.RM_LLADA_HELD_OUT_WORDS) - 10  # specials differ
+    cat = llada.convert_tokens_to_ids("Ġcat")
+    assert tokenizers["rm_llada"].convert_ids_to_tokens(bridge.pieces(cat)) == ["Ġcat"]
+
+
+def test_tokenizers_are_deterministic(tokenizers):
+    for name, tokenizer in tokenizers.items():
+        assert build.build_tokenizer(name).get_vocab() == tokenizer.get_vocab()
+
+
+# --- Training losses -----------------------------------------------------------------------------------------
+
+
+def _tiny_dllm(name):
+    tokenizer = build.build_tokenizer(name)
+    settings = build.BuildConfig.quick()
+    torch.manual_seed(0)
+    model = AutoModel.from_config(build.model_config(name, tokenizer, settings.dllm, settings.rm),
+                                  dtype=torch.float32, attn_implementation="eager")
+    family = resolve_family(model.config, tokenizer)
+    corpus = build.encode_corpus(world.corpus(6, seed=0), tokenizer, family)
+    return model, family, corpus
+
+
+@pytest.mark.parametrize("name", ["dream", "llada"])
+def test_diffusion_loss_matches_a_naive_computation(name):
+    model, family, corpus = _tiny_dllm(name)
+    generator = torch.Generator().manual_seed(7)
+    loss = build.dllm_loss(model, family, corpus.prompt_ids, corpus.prompt_mask, corpus.response_ids,
+                           causal=False, generator=generator)
+    # replay the draws, then score each row alone, position by position
+    generator = torch.Generator().manual_seed(7)
+    batch, length = corpus.response_ids.shape
+    t = 1e-3 + (1 - 1e-3) * torch.rand(batch, 1, generator=generator)
+    masked = torch.rand(batch, length, generator=generator) < t
+    total = 0.0
+    for b in range(batch):
+        prompt = corpus.prompt_ids[b][corpus.prompt_mask[b]]  # no padding at all
+        noisy = torch.where(masked[b], family.mask_token_id, corpus.response_ids[b])
+        logits = model(input_ids=torch.cat([prompt, noisy])[None]).logits[0]
+        for j in range(length):
+            if masked[b, j]:
+                row = len(prompt) + j - (1 if family.shifted_logits else 0)
+                total += F.cross_entropy(logits[row], corpus.response_ids[b, j]).item() / t[b, 0].item()
+    assert masked.any()
+    assert loss.item() == pytest.approx(total / (batch * length), rel=1e-4)
+
+
+@pytest.mark.parametrize("name", ["dream", "llada"])
+def test_causal_loss_is_next_token_prediction_that_ignores_the_future(name):
+    model, family, corpus = _tiny_dllm(name)
+    generator = torch.Generator().manual_seed(0)
+    loss = build.dllm_loss(model, family, corpus.prompt_ids, corpus.prompt_mask, corpus.response_ids,
+                           causal=True, generator=generator)
+    batch, length = corpus.response_ids.shape
+    total = 0.0
+    for b in range(batch):
+        prompt = corpus.prompt_ids[b][corpus.prompt_mask[b]]
+        ids = torch.cat([prompt, corpus.response_ids[b]])
+        for j in range(length):  # the prediction of response token j: the prefix before it, read causally
+            prefix = ids[: len(prompt) + j]
+            causal = torch.ones(len(prefix), len(prefix), dtype=torch.bool).tril()
+            logits = model(input_ids=prefix[None], attention_mask=causal[None, None]).logits[0, -1]
+            total += F.cross_entropy(logits, corpus.response_ids[b, j]).item()
+    assert loss.item() == pytest.approx(total / (batch * length), rel=1e-4)
+
+
+# --- The --quick build and the shipped checkpoints -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quick_world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy")
+    toy_main(["build", "--out", str(out), "--quick"])
+    return out
+
+
+def _guided_sample(dllm_path, rm_path, prompts):
+    dllm = load_dllm(str(dllm_path), dtype="float32")
+    reward_model = RewardModel.from_pretrained(str(rm_path), dtype="float32")
+    bridge = VocabBridge(dllm.tokenizer, reward_model.tokenizer, num_rows=dllm.model.config.vocab_size)
+    guidance = RewardGuidance(GuidanceConfig(method="entrgi", steps=1), reward_model, bridge)
+    sampler = DiffusionSampler(dllm.model, dllm.tokenizer, dllm.family, build.sampler_config(), guidance)
+    out = sampler.generate(prompts, num_samples=2, seed=0)
+    assert out.completion_ids.shape == (2 * len(prompts), world.RESPONSE_TOKENS)
+    assert out.stats.guidance.rm_forward_backward == world.RESPONSE_TOKENS
+    return out, reward_model
+
+
+def test_quick_build_writes_loadable_checkpoints_and_guides(quick_world):
+    assert sorted(p.name for p in quick_world.iterdir()) == sorted(
+        [*build.CHECKPOINTS, build.PROMPTS_FILE, build.REPORT_FILE])
+    for name in build.CHECKPOINTS:
+        files = {p.name for p in (quick_world / name).iterdir()}
+        assert {"config.json", "model.safetensors", "tokenizer.json"} <= files
+    report = json.loads((quick_world / build.REPORT_FILE).read_text())
+    assert 0 <= report["checkpoints"]["dream"]["base"]["pass_rate"] <= 1
+    prompts = [i.text for i in world.all_instructions()[:3]]
+    for dllm, rm in (("dream", "rm"), ("llada", "rm_llada")):
+        out, reward_model = _guided_sample(quick_world / dllm, quick_world / rm, prompts)
+        rewards = reward_model.score([p for p in prompts for _ in range(2)], out.texts)
+        assert torch.isfinite(rewards).all()
+
+
+def test_quick_build_is_deterministic(quick_world, tmp_path):
+    config = build.BuildConfig.quick()
+    build.build(tmp_path, config=config)
+    for name in build.CHECKPOINTS:
+        assert (tmp_path / name / "model.safetensors").read_bytes() == (
+            quick_world / name / "model.safetensors").read_bytes()
+        assert (tmp_path / name / "tokenizer.json").read_bytes() == (quick_world / name / "tokenizer.json").read_bytes()
+
+
+@pytest.mark.parametrize("name", build.CHECKPOINTS)
+def test_shipped_checkpoints_load_by_toy_name(name):
+    path = Path(resolve_checkpoint(f"toy:{name}"))
+    assert path == build.DEFAULT_OUT / name
+    if name.startswith("rm"):
+        reward_model = RewardModel.from_pretrained(f"toy:{name}", dtype="float32")
+        prompt = ANIMALS_LAMP.text
+        good, bad = reward_model.score([prompt] * 2, ["the cat sees the lamp and the dog likes the box",
+                                                       "the bread sees the box and the soup likes the wall"])
+        assert good > bad
+    else:
+        dllm = load_dllm(f"toy:{name}", dtype="float32")
+        assert dllm.family.name == name
+
+
+def test_shipped_world_matches_the_code():
+    """The shipped prompts are today's world, and the shipped report measured what the issue asks for."""
+    shipped = (build.DEFAULT_OUT / build.PROMPTS_FILE).read_text().splitlines()
+    assert [json.loads(line)["prompt"] for line in shipped] == [i.text for i in world.all_instructions()]
+    report = json.loads((build.DEFAULT_OUT / build.REPORT_FILE).read_text())
+    assert report["config"] == json.loads(json.dumps(build.asdict(build.BuildConfig())))
+    for name in ("dream", "llada"):
+        assert 0.2 <= report["checkpoints"][name]["base"]["pass_rate"] <= 0.6
+    for name in ("rm", "rm_llada"):
+        assert 0.85 <= report["checkpoints"][name]["heldout_pair_accuracy"] < 1.0
+
+
+def test_toy_prompt_source_has_disjoint_train_and_eval_splits():
+    config = PromptDataConfig(source="toy", num_eval_prompts=64)
+    train, held_out = load_prompts(config, split="train"), load_prompts(config, split="eval")
+    train_texts = {p[0]["content"] for p in train["prompt"]}
+    held_out_texts = {p[0]["content"] for p in held_out["prompt"]}
+    assert len(held_out_texts) == 64 and len(train_texts) == len(world.all_instructions()) - 64
+    assert not train_texts & held_out_texts
+    assert world.ground_truth(held_out["prompt"][:1], ["the cat sees the box"]) in ([0.0], [1.0])
