@@ -252,6 +252,29 @@ def test_quick_build_writes_loadable_checkpoints_and_guides(quick_world):
         assert torch.isfinite(rewards).all()
 
 
+@pytest.mark.parametrize("recipe", ["toy_dream.yaml", "toy_llada_diffu_grpo.yaml"])
+def test_quick_world_trains_with_the_toy_recipes(quick_world, tmp_path, recipe):
+    """The CI smoke test of the world: the shipped toy recipes, pointed at a freshly built reduced world, train."""
+    from rgrl.train import load_training_recipe, run
+
+    family = "dream" if "dream" in recipe else "llada"
+    rm = quick_world / ("rm" if family == "dream" else "rm_llada")
+    rewards = f"[{{model: {rm}, name: rm, dtype: float32}}, {{function: 'rgrl.toy.world:ground_truth', weight: 0.0}}]"
+    overrides = ["--model.path", str(quick_world / family), "--rewards", rewards,
+                 "--training.output_dir", str(tmp_path), "--training.max_steps", "2", "--training.eval_steps", "2",
+                 "--training.save_steps", "2", "--training.per_device_train_batch_size", "8",
+                 "--training.per_device_eval_batch_size", "8", "--data.num_eval_prompts", "2"]
+    if "diffu_grpo" not in recipe:
+        overrides += ["--guidance_model.path", str(rm)]
+    trainer = run(load_training_recipe(f"recipes/{recipe}", overrides))
+    history = trainer.state.log_history
+    assert [e["step"] for e in history if "loss" in e] == [1, 2]
+    evaluations = [e for e in history if "eval_rewards/ground_truth/mean" in e]
+    assert [e["step"] for e in evaluations] == [0, 2]  # eval_on_start, then the final step
+    assert all(0.0 <= e["eval_rewards/ground_truth/mean"] <= 1.0 for e in evaluations)
+    assert (tmp_path / "adapter_model.safetensors").is_file() and (tmp_path / "training_curves.png").is_file()
+
+
 def test_quick_build_is_deterministic(quick_world, tmp_path):
     config = build.BuildConfig.quick()
     build.build(tmp_path, config=config)

@@ -55,7 +55,7 @@ _ROWS_PER_READ = 8192
 class PromptDataConfig:
     """Which prompts to use. Fields left unset (None) take the source's defaults (rgrl/data/sources.py)."""
 
-    source: str = "wildchat_if"  # wildchat_if, lmsys, rm_bench, judgebench, reward_bench_2, hub or local
+    source: str = "wildchat_if"  # wildchat_if, lmsys, rm_bench, judgebench, reward_bench_2, toy, hub or local
     path: str | None = None  # Hub dataset id or local file/folder; hub and local need it
     subset: str | None = None  # Hub config name
     split: str | None = None

@@ -1,0 +1,289 @@
+"""Benchmarks whose results live in docs/results/: `python -m rgrl.bench toy [--quick] [--out DIR]`.
+
+`toy` checks the paper's claims in the toy world (rgrl/toy), where a ground-truth checker says whether a completion
+follows its instruction and the reward model only approximates it. Run from the repository root (it reads the toy
+recipes in recipes/):
+
+  1. test time, per family: unguided sampling (its Top@1 is Best-of-N, N = K), Best-of-N at equal compute,
+     expectation, APS and EntRGi (recipes/steer_toy_<family>.yaml) — Top@1 and Avg@N of the reward model and the
+     ground-truth pass rate of the best sample, mean ± SEM over seeds;
+  2. an ablation of EntRGi over M ∈ {1, 3} and η ∈ {0.25, 0.5, 1};
+  3. training, per family: RGRL-EntRGi, RGRL-APS and diffu-GRPO with the same prompts and steps
+     (recipes/toy_<family>.yaml and recipes/toy_<family>_diffu_grpo.yaml) — curves of the training reward and of the
+     unguided held-out reward and ground-truth pass rate.
+
+It writes `toy.md` (tables, the exact command, versions, wall time) and PNG plots into `--out`. `--quick` shrinks
+everything to a smoke test (numbers meaningless), used by CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+FAMILIES = ("dream", "llada")
+ABLATION_STEPS = (1, 3)
+ABLATION_LRS = (0.25, 0.5, 1.0)
+TRAINING_VARIANTS = (  # (label, recipe pattern, overrides)
+    ("RGRL-EntRGi", "recipes/toy_{family}.yaml", []),
+    ("RGRL-APS", "recipes/toy_{family}.yaml", ["--guidance.method", "aps"]),
+    ("diffu-GRPO", "recipes/toy_{family}_diffu_grpo.yaml", []),
+)
+
+
+@dataclass
+class Scale:
+    """How much of the benchmark runs: the full one, or a smoke test."""
+
+    seeds: list[int]
+    num_prompts: int
+    max_steps: int  # twice the toy recipes' 40: long enough for reward hacking to show
+    eval_steps: int
+
+    @classmethod
+    def full(cls) -> Scale:
+        return cls(seeds=[1, 2, 3], num_prompts=64, max_steps=80, eval_steps=10)
+
+    @classmethod
+    def quick(cls) -> Scale:
+        return cls(seeds=[1], num_prompts=4, max_steps=2, eval_steps=1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m rgrl.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("name", choices=["toy"], help="which benchmark")
+    parser.add_argument("--out", default="docs/results", help="where the report and plots go")
+    parser.add_argument("--quick", action="store_true", help="a smoke test: tiny sizes, meaningless numbers")
+    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+    parser.add_argument("--skip", nargs="*", choices=["test_time", "ablation", "training"], default=[])
+    args = parser.parse_args(argv)
+    command = "python -m rgrl.bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    toy(Path(args.out), Scale.quick() if args.quick else Scale.full(), args.families, set(args.skip), command)
+
+
+def toy(out: Path, scale: Scale, families: list[str], skip: set[str], command: str) -> Path:
+    import logging
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / "runs"
+    start = time.perf_counter()
+    report = {"command": command, "versions": versions(), "families": families, "seeds": scale.seeds,
+              "num_prompts": scale.num_prompts, "test_time": {}, "ablation": {}, "training": {}, "seconds": {}}
+    for family in families:
+        if "test_time" not in skip:
+            t0 = time.perf_counter()
+            report["test_time"][family] = steer_rows(family, scale, work / f"steer_{family}")
+            report["seconds"][f"test_time_{family}"] = time.perf_counter() - t0
+        if "ablation" not in skip:
+            t0 = time.perf_counter()
+            report["ablation"][family] = ablation(family, scale, work / f"ablation_{family}")
+            report["seconds"][f"ablation_{family}"] = time.perf_counter() - t0
+        if "training" not in skip:
+            t0 = time.perf_counter()
+            report["training"][family] = {
+                label: train_history(recipe.format(family=family), overrides, scale,
+                                     work / f"train_{family}_{label.lower()}")
+                for label, recipe, overrides in TRAINING_VARIANTS
+            }
+            report["seconds"][f"training_{family}"] = time.perf_counter() - t0
+    report["seconds"]["total"] = time.perf_counter() - start
+    (out / "toy.json").write_text(json.dumps(report, indent=1, default=_plain))
+    plot_test_time(report, out / "toy_test_time.png")
+    for family, variants in report["training"].items():
+        plot_training(family, variants, out / f"toy_training_{family}.png")
+    write_markdown(report, out / "toy.md")
+    print((out / "toy.md").read_text())
+    return out / "toy.md"
+
+
+# ------------------------------------------------------------------------------------------------ runs
+def steer_overrides(scale: Scale, output_dir: Path) -> list[str]:
+    return ["--seeds", json.dumps(scale.seeds), "--prompts.num_prompts", str(scale.num_prompts),
+            "--output_dir", str(output_dir)]
+
+
+def steer_rows(family: str, scale: Scale, output_dir: Path, extra: list[str] | None = None) -> list[dict]:
+    from rgrl import steer
+    from rgrl.recipe import load_recipe
+
+    recipe = load_recipe(f"recipes/steer_toy_{family}.yaml", steer.SteerRecipe,
+                         steer_overrides(scale, output_dir) + (extra or []))
+    return steer.run(recipe)
+
+
+def ablation(family: str, scale: Scale, output_dir: Path) -> list[dict]:
+    rows = []
+    for steps in ABLATION_STEPS:
+        for lr in ABLATION_LRS:
+            extra = ["--methods", "[entrgi]", "--equal_compute_bon", "false", "--guidance.steps", str(steps),
+                     "--guidance.lr", str(lr)]
+            (row,) = steer_rows(family, scale, output_dir / f"M{steps}_lr{lr}", extra)
+            rows.append({"M": steps, "lr": lr, **row})
+    return rows
+
+
+def train_history(recipe: str, overrides: list[str], scale: Scale, output_dir: Path) -> list[dict]:
+    """Train one variant; its log history (train and eval entries)."""
+    from rgrl.train import load_training_recipe, run
+
+    overrides = overrides + ["--training.output_dir", str(output_dir), "--training.report_to", "none",
+                             "--training.max_steps", str(scale.max_steps), "--training.eval_steps", str(scale.eval_steps),
+                             "--training.save_steps", str(scale.max_steps)]
+    trainer = run(load_training_recipe(recipe, overrides))
+    return trainer.state.log_history
+
+
+def versions() -> dict:
+    import torch
+    import transformers
+    import trl
+
+    import rgrl
+
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {"rgrl": rgrl.__version__, "commit": commit, "torch": torch.__version__,
+            "transformers": transformers.__version__, "trl": trl.__version__, "python": platform.python_version(),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}"}
+
+
+def _plain(value):
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+# ------------------------------------------------------------------------------------------------ report
+def _fmt(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        return f"{value[0]:.3f} ± {value[1]:.3f}"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _table(rows: list[dict], columns: list[tuple[str, str]]) -> list[str]:
+    lines = ["| " + " | ".join(title for title, _ in columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_fmt(row.get(key)) for _, key in columns) + " |" for row in rows]
+    return lines
+
+
+def _evaluations(history: list[dict], key: str) -> list[tuple[int, float]]:
+    return [(entry["step"], entry[key]) for entry in history if key in entry]
+
+
+def _eval_metric(history: list[dict], name: str) -> str:
+    key = f"eval_rewards/{name}/mean" if name != "reward" else "eval_reward"
+    values = _evaluations(history, key)
+    if not values:
+        return "–"
+    return f"{values[0][1]:.3f} → {values[-1][1]:.3f}"
+
+
+def write_markdown(report: dict, path: Path) -> None:
+    lines = [
+        "# The toy world: reward guidance and RGRL on a CPU",
+        "",
+        "Generated by `" + report["command"] + "` (from the repository root). "
+        f"Seeds {report['seeds']}, {report['num_prompts']} prompts per seed. Versions: "
+        + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".",
+        "",
+        "Wall time: " + ", ".join(f"{k} {v / 60:.1f} min" for k, v in report["seconds"].items()) + ".",
+        "",
+    ]
+    test_columns = [("method", "method"), ("N", "N"), ("RM Top@1", "top1"), ("RM Avg@N", "avg"),
+                    ("pass rate of best", "ground_truth@best"), ("pass rate, all samples", "ground_truth@avg"),
+                    ("mean w", "entropy_weight"), ("s / prompt", "seconds_per_prompt")]
+    for family, rows in report["test_time"].items():
+        lines += [f"## Test time: toy {family}", "",
+                  "Top@1 = best reward-model score of a prompt's N samples, Avg@N = their mean; the pass rate is the "
+                  "ground truth (the reward model never sees it); mean ± SEM over seeds. Best-of-N at equal compute "
+                  "matches the wall time of the costliest guided method.", ""]
+        lines += _table(rows, test_columns) + [""]
+    for family, rows in report["ablation"].items():
+        lines += [f"## Ablation of EntRGi: toy {family}", ""]
+        lines += _table(rows, [("M", "M"), ("η", "lr"), ("RM Top@1", "top1"), ("RM Avg@N", "avg"),
+                               ("pass rate of best", "ground_truth@best"), ("pass rate, all", "ground_truth@avg"),
+                               ("s / prompt", "seconds_per_prompt")]) + [""]
+    for family, variants in report["training"].items():
+        lines += [f"## Training: toy {family}", "",
+                  "Same prompts and steps for every method. The training reward of RGRL is measured on its guided "
+                  "rollouts, diffu-GRPO's on unguided ones; the held-out evaluation is unguided for all "
+                  "(first → last evaluation).", "",
+                  "| method | final training reward | held-out RM reward (unguided) | held-out pass rate (unguided) |",
+                  "|---|---|---|---|"]
+        for label, history in variants.items():
+            train = [e["reward"] for e in history if "reward" in e and "eval_reward" not in e]
+            final = f"{train[-1]:.3f}" if train else "–"
+            lines.append(f"| {label} | {final} | {_eval_metric(history, 'reward')} | "
+                         f"{_eval_metric(history, 'ground_truth')} |")
+        lines += ["", f"![training curves](toy_training_{family}.png)", ""]
+    if report["test_time"]:
+        lines += ["![test-time results](toy_test_time.png)", ""]
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, path)
+
+
+def plot_test_time(report: dict, path: Path) -> None:
+    if not report["test_time"]:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    families = list(report["test_time"])
+    panels = [("top1", "RM Top@1"), ("ground_truth@best", "ground-truth pass rate of the best sample")]
+    fig, axes = plt.subplots(len(families), 2, figsize=(12, 3.6 * len(families)), squeeze=False)
+    for row_axes, family in zip(axes, families):
+        rows = report["test_time"][family]
+        names = [r["method"].replace(" (", "\n(") for r in rows]
+        for ax, (key, title) in zip(row_axes, panels):
+            means = [r[key][0] if r.get(key) else 0.0 for r in rows]
+            sems = [r[key][1] if r.get(key) else 0.0 for r in rows]
+            ax.bar(range(len(rows)), means, yerr=sems, capsize=4, color="tab:blue")
+            ax.set_xticks(range(len(rows)), names, fontsize=7)
+            ax.set_title(f"toy {family}: {title}", fontsize=10)
+            ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_training(family: str, variants: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [("reward", "training reward (RGRL: guided rollouts)", False),
+              ("eval_reward", "held-out RM reward (unguided)", True),
+              ("eval_rewards/ground_truth/mean", "held-out ground-truth pass rate (unguided)", True)]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    for ax, (key, title, is_eval) in zip(axes, panels):
+        for label, history in variants.items():
+            points = [(e["step"], e[key]) for e in history if key in e and (is_eval or "eval_reward" not in e)]
+            if points:
+                ax.plot(*zip(*points), marker="o" if is_eval else None, markersize=3, label=label)
+        ax.set_title(f"toy {family}: {title}", fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
