@@ -12,8 +12,9 @@ recipes in recipes/):
      (recipes/toy_<family>.yaml and recipes/toy_<family>_diffu_grpo.yaml) — curves of the training reward and of the
      unguided held-out reward and ground-truth pass rate.
 
-It writes `toy.md` (tables, the exact command, versions, wall time) and PNG plots into `--out`. `--quick` shrinks
-everything to a smoke test (numbers meaningless), used by CI.
+It writes `toy.md` (tables, the exact command, versions, wall time), `toy.json` and PNG plots into `--out`; the runs'
+own outputs (samples, checkpoints) go to `--work`. `--quick` shrinks everything to a smoke test (numbers
+meaningless), used by CI.
 """
 
 from __future__ import annotations
@@ -61,20 +62,21 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m rgrl.bench", description=__doc__.split("\n")[0])
     parser.add_argument("name", choices=["toy"], help="which benchmark")
     parser.add_argument("--out", default="docs/results", help="where the report and plots go")
+    parser.add_argument("--work", default="outputs/bench_toy", help="where the runs' own outputs go")
     parser.add_argument("--quick", action="store_true", help="a smoke test: tiny sizes, meaningless numbers")
     parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
     parser.add_argument("--skip", nargs="*", choices=["test_time", "ablation", "training"], default=[])
     args = parser.parse_args(argv)
     command = "python -m rgrl.bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    toy(Path(args.out), Scale.quick() if args.quick else Scale.full(), args.families, set(args.skip), command)
+    toy(Path(args.out), Path(args.work), Scale.quick() if args.quick else Scale.full(), args.families,
+        set(args.skip), command)
 
 
-def toy(out: Path, scale: Scale, families: list[str], skip: set[str], command: str) -> Path:
+def toy(out: Path, work: Path, scale: Scale, families: list[str], skip: set[str], command: str) -> Path:
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     out.mkdir(parents=True, exist_ok=True)
-    work = out / "runs"
     start = time.perf_counter()
     report = {"command": command, "versions": versions(), "families": families, "seeds": scale.seeds,
               "num_prompts": scale.num_prompts, "test_time": {}, "ablation": {}, "training": {}, "seconds": {}}
