@@ -275,6 +275,7 @@ def test_quick_world_trains_with_the_toy_recipes(quick_world, tmp_path, recipe):
     assert (tmp_path / "adapter_model.safetensors").is_file() and (tmp_path / "training_curves.png").is_file()
 
 
+@pytest.mark.slow
 def test_quick_build_is_deterministic(quick_world, tmp_path):
     config = build.BuildConfig.quick()
     build.build(tmp_path, config=config)
