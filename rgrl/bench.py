@@ -29,6 +29,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from statistics import fmean
 
 FAMILIES = ("dream", "llada")
 ABLATION_STEPS = (1, 3)
@@ -138,7 +139,8 @@ def train_history(recipe: str, overrides: list[str], scale: Scale, output_dir: P
     from rgrl.train import load_training_recipe, run
 
     overrides = overrides + ["--training.output_dir", str(output_dir), "--training.report_to", "none",
-                             "--training.max_steps", str(scale.max_steps), "--training.eval_steps", str(scale.eval_steps),
+                             "--training.max_steps", str(scale.max_steps),
+                             "--training.eval_steps", str(scale.eval_steps),
                              "--training.save_steps", str(scale.max_steps)]
     trainer = run(load_training_recipe(recipe, overrides))
     return trainer.state.log_history
@@ -185,11 +187,14 @@ def _evaluations(history: list[dict], key: str) -> list[tuple[int, float]]:
 
 
 def _eval_metric(history: list[dict], name: str) -> str:
+    """'first → last' of an evaluation metric, with its best value and step in between when that is neither."""
     key = f"eval_rewards/{name}/mean" if name != "reward" else "eval_reward"
     values = _evaluations(history, key)
     if not values:
         return "–"
-    return f"{values[0][1]:.3f} → {values[-1][1]:.3f}"
+    best_step, best = max(values, key=lambda item: item[1])
+    peak = f" (best {best:.3f} at step {best_step})" if best_step not in (values[0][0], values[-1][0]) else ""
+    return f"{values[0][1]:.3f} → {values[-1][1]:.3f}{peak}"
 
 
 def write_markdown(report: dict, path: Path) -> None:
@@ -221,13 +226,19 @@ def write_markdown(report: dict, path: Path) -> None:
         lines += [f"## Training: toy {family}", "",
                   "Same prompts and steps for every method. The training reward of RGRL is measured on its guided "
                   "rollouts, diffu-GRPO's on unguided ones; the held-out evaluation is unguided for all "
-                  "(first → last evaluation).", "",
-                  "| method | final training reward | held-out RM reward (unguided) | held-out pass rate (unguided) |",
-                  "|---|---|---|---|"]
+                  "(first → last evaluation). Training reward: mean over the last 10 steps. Guidance gain: RM score "
+                  "of the proposals as the RM reads them (APS: hard samples; EntRGi: the entropy-weighted mix), "
+                  "after minus before the Adam steps, mean over denoising and training steps.",
+                  "",
+                  "| method | training reward | guidance gain | held-out RM reward (unguided) | "
+                  "held-out pass rate (unguided) |",
+                  "|---|---|---|---|---|"]
         for label, history in variants.items():
             train = [e["reward"] for e in history if "reward" in e and "eval_reward" not in e]
-            final = f"{train[-1]:.3f}" if train else "–"
-            lines.append(f"| {label} | {final} | {_eval_metric(history, 'reward')} | "
+            final = f"{fmean(train[-10:]):.3f}" if train else "–"
+            gains = [e["guidance/reward_gain"] for e in history if "guidance/reward_gain" in e]
+            gain = f"{fmean(gains):.3f}" if gains else "–"
+            lines.append(f"| {label} | {final} | {gain} | {_eval_metric(history, 'reward')} | "
                          f"{_eval_metric(history, 'ground_truth')} |")
         lines += ["", f"![training curves](toy_training_{family}.png)", ""]
     if report["test_time"]:
