@@ -21,3 +21,12 @@ def test_toy_bench_quick_writes_report_and_plots(tmp_path):
     assert "python -m rgrl.bench toy --quick" in text and "| RGRL-APS |" in text
     assert (tmp_path / "toy_test_time.png").stat().st_size > 0
     assert (tmp_path / "toy_training_dream.png").stat().st_size > 0
+
+
+def test_training_table_reports_first_last_and_the_best_evaluation_between():
+    key = "eval_rewards/ground_truth/mean"
+    history = [{"step": 0, key: 0.4}, {"step": 1, "reward": 1.0}, {"step": 10, key: 0.8}, {"step": 20, key: 0.0}]
+    assert bench._eval_metric(history, "ground_truth") == "0.400 → 0.000 (best 0.800 at step 10)"
+    rising = [{"step": 0, key: 0.4}, {"step": 10, key: 0.6}, {"step": 20, key: 0.9}]
+    assert bench._eval_metric(rising, "ground_truth") == "0.400 → 0.900"
+    assert bench._eval_metric(history, "rm") == "–"
