@@ -1,41 +1,52 @@
-"""Guidance math (DESIGN.md §3) checked against direct autograd computations, with a linear stand-in reward."""
+"""Guidance math (docs/design.md §3) checked against the naive references in tests/oracles.py (full-vocabulary sort,
+autograd, torch.optim.Adam), with a linear stand-in reward."""
 
 import math
 
 import pytest
 import torch
 
-from rgrl.distributions import entropy, filter_logits, normalized_entropy, sample_tokens
+from rgrl import distributions
+from rgrl.distributions import entropy, normalized_entropy, nucleus, sample_tokens
 from rgrl.guidance import GuidanceConfig, GuidanceStats, RewardGuidance, entropy_weight, mixed_embeddings
-from rgrl.guidance.estimators import _FreshAdam
+from rgrl.guidance.estimators import FreshAdam, row_chunks, soft_embedding_grad, soft_embeddings
+from tests import oracles
 
 V, D = 11, 5
 
 
-def test_filter_logits_top_p_keeps_smallest_nucleus_and_top_k_the_largest():
-    probs = torch.tensor([0.5, 0.25, 0.15, 0.1])
-    logits = probs.log()
-    kept = torch.isfinite(filter_logits(logits, top_p=0.7))
-    assert kept.tolist() == [True, True, False, False]  # 0.5 < 0.7, 0.75 > 0.7: stop after the 2nd
-    kept = torch.isfinite(filter_logits(logits, top_p=0.8))
-    assert kept.tolist() == [True, True, True, False]
-    kept = torch.isfinite(filter_logits(logits, top_p=0.01))
-    assert kept.tolist() == [True, False, False, False]  # always at least one token
-    kept = torch.isfinite(filter_logits(logits, top_k=3))
-    assert kept.tolist() == [True, True, True, False]
-    kept = torch.isfinite(filter_logits(logits, top_p=0.8, top_k=2))
-    assert kept.tolist() == [True, True, False, False]
-    assert torch.equal(filter_logits(logits, top_p=1.0, top_k=None), logits)
+def test_nucleus_keeps_the_smallest_nucleus_then_the_top_k():
+    logits = torch.tensor([[0.5, 0.25, 0.15, 0.1]]).log()
+
+    def kept(**filters):
+        candidates = nucleus(logits, 1.0, **filters)
+        return sorted(candidates.ids[0][candidates.probs[0] > 0].tolist())
+
+    assert kept(top_p=0.7) == [0, 1]  # 0.5 < 0.7, 0.75 > 0.7: stop after the 2nd
+    assert kept(top_p=0.8) == [0, 1, 2]
+    assert kept(top_p=0.01) == [0]  # always at least one token
+    assert kept(top_k=3) == [0, 1, 2]
+    assert kept(top_p=0.8, top_k=2) == [0, 1]
+    assert kept(top_p=1.0) == [0, 1, 2, 3]
 
 
-def test_sample_tokens_never_draws_filtered_tokens_and_greedy_is_argmax():
-    logits = torch.randn(2000, V, generator=torch.Generator().manual_seed(0))
-    ids, probs = sample_tokens(logits, temperature=0.7, top_k=3, generator=torch.Generator().manual_seed(1))
-    allowed = torch.topk(logits, 3, dim=-1).indices
-    assert (allowed == ids.unsqueeze(-1)).any(-1).all()
-    assert torch.allclose(probs.sum(-1), torch.ones(2000))
-    greedy, _ = sample_tokens(logits, temperature=0.0)
-    assert torch.equal(greedy, logits.argmax(-1))
+@pytest.mark.parametrize("temperature,top_p,top_k", [
+    (0.7, 0.95, None), (0.9, 0.95, 50), (1.0, 0.5, 3), (0.7, None, 7), (1.3, None, None), (0.0, 0.95, None),
+])
+def test_sampling_equals_the_full_sort_oracle(monkeypatch, temperature, top_p, top_k):
+    """Same ids for the same uniforms, same kept probabilities — including rows whose nucleus is wider than the
+    first candidate list (flat rows), which fall back to a full sort."""
+    monkeypatch.setattr(distributions, "NUCLEUS_WIDTH", 4)
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(300, 97, generator=generator) * torch.rand(300, 1, generator=generator) * 6
+    logits[:, 13] = -math.inf  # an impossible token (the mask)
+    uniform = distributions.uniforms(300, temperature, generator, "cpu")
+    ids, candidates = sample_tokens(logits, temperature, top_p, top_k, uniform)
+    assert torch.equal(ids, oracles.sample(logits, temperature, top_p, top_k, uniform))
+    expected = oracles.filtered_probs(logits, temperature, top_p, top_k)
+    ours = torch.zeros_like(expected).scatter_add(-1, candidates.ids.expand(300, -1), candidates.probs)
+    assert torch.allclose(ours, expected, atol=1e-6)
+    assert not (ids == 13).any()
 
 
 def test_entropy_weight_is_one_for_uniform_and_zero_for_one_hot():
@@ -56,49 +67,48 @@ def test_entropy_weight_is_one_for_uniform_and_zero_for_one_hot():
     assert torch.equal(entropy_weight("expectation", logits), torch.zeros(4))
 
 
-def _naive_mixed(logits, matrix, weight, temperature, top_p, top_k, seed):
-    """The EntRGi input written out: forward (1-w)·soft + w·hard, gradient through soft only."""
-    soft = (logits / temperature).softmax(-1) @ matrix
-    hard_ids, _ = sample_tokens(logits.detach(), temperature, top_p, top_k, torch.Generator().manual_seed(seed))
-    hard = matrix[hard_ids]
-    value = (1 - weight[:, None]) * soft + weight[:, None] * hard
-    return value, soft
-
-
 @pytest.mark.parametrize("method", ["entrgi", "aps", "expectation"])
-def test_mixed_embeddings_forward_value_and_gradient(method):
+def test_mixed_embeddings_value_and_soft_path_gradient(method):
     torch.manual_seed(0)
     matrix = torch.randn(V, D)
-    target = torch.randn(6, D)
-    logits = torch.randn(6, V, requires_grad=True)
+    logits = torch.randn(6, V)
     weight = entropy_weight(method, logits)
-    e = mixed_embeddings(logits, matrix, weight, 0.7, 0.95, None, torch.Generator().manual_seed(3))
-    value, soft = _naive_mixed(logits, matrix, weight, 0.7, 0.95, None, seed=3)
-    assert torch.allclose(e, value, atol=1e-6)
-    (grad,) = torch.autograd.grad((e * target).sum(), logits)
-    (soft_grad,) = torch.autograd.grad((soft * target).sum(), logits)
-    assert torch.allclose(grad, soft_grad, atol=1e-6)
+    uniform = torch.rand(6)
+    e = mixed_embeddings(logits, matrix, weight, 0.7, 0.95, None, uniform)
+    soft = (logits / 0.7).softmax(-1) @ matrix
+    hard = matrix[oracles.sample(logits, 0.7, 0.95, None, uniform)]
+    assert torch.allclose(e, (1 - weight[:, None]) * soft + weight[:, None] * hard, atol=1e-6)
     if method == "expectation":
         assert torch.allclose(e, soft, atol=1e-6)
     if method == "aps":
-        hard_ids, _ = sample_tokens(logits.detach(), 0.7, 0.95, None, torch.Generator().manual_seed(3))
-        assert torch.allclose(e, matrix[hard_ids], atol=1e-6)
+        assert torch.allclose(e, hard, atol=1e-6)
 
 
-@pytest.mark.parametrize("steps", [1, 3])
-def test_fresh_adam_matches_torch_adam(steps):
+@pytest.mark.parametrize("temperature", [0.7, 1.0, 0.0])
+def test_soft_embedding_grad_equals_autograd(temperature):
     torch.manual_seed(0)
-    start = torch.randn(4, V)
-    gradients = [torch.randn(4, V) for _ in range(steps)]
+    matrix, target = torch.randn(V, D), torch.randn(6, D)
+    logits = torch.randn(6, V, requires_grad=True)
+    soft = soft_embeddings(logits, matrix, temperature)
+    (expected,) = torch.autograd.grad((soft * target).sum(), logits)
+    assert torch.allclose(soft_embedding_grad(logits.detach(), target, matrix, temperature), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("steps,chunk_rows", [(1, 4), (3, 4), (3, 100)])
+def test_fresh_adam_in_chunks_matches_torch_adam(steps, chunk_rows):
+    torch.manual_seed(0)
+    start = torch.randn(10, V)
+    gradients = [torch.randn(10, V) for _ in range(steps)]
     ours = start.clone()
-    adam = _FreshAdam(ours, lr=0.5)
+    adam = FreshAdam(ours, lr=0.5, steps=steps)
     reference = start.clone().requires_grad_(True)
     torch_adam = torch.optim.Adam([reference], lr=0.5)
     for g in gradients:
-        adam.step(g)
+        adam.step((rows, g[rows]) for rows in row_chunks(10, chunk_rows))
         reference.grad = g.clone()
         torch_adam.step()
     assert torch.allclose(ours, reference.detach(), atol=1e-5)
+    assert (adam.exp_avg is None) == (steps == 1)  # M = 1 never allocates the moments
     if steps == 1:  # the closed-form first step: η·g/(|g|+ε)
         assert torch.allclose(ours, start - 0.5 * gradients[0] / (gradients[0].abs() + 1e-8), atol=1e-6)
 
@@ -123,41 +133,41 @@ class IdentityBridge:
         return embeddings.weight
 
 
-def _guidance(method, steps, lr, u, matrix, measure_gain=False):
-    config = GuidanceConfig(method=method, steps=steps, lr=lr, measure_gain=measure_gain)
+def _guidance(method, steps, lr, u, matrix, measure_gain=False, chunk_rows=512):
+    config = GuidanceConfig(method=method, steps=steps, lr=lr, measure_gain=measure_gain, chunk_rows=chunk_rows)
     return RewardGuidance(config, LinearReward(u, matrix), IdentityBridge())
 
 
-def _expected_guided_expectation(logits_masked, matrix, u, steps, lr, temperature):
-    """Naive: M torch.optim.Adam steps on φ maximising Σ <softmax(φ/τ) @ Ê, u> (expectation estimator)."""
-    phi = logits_masked.clone().requires_grad_(True)
-    adam = torch.optim.Adam([phi], lr=lr)
-    for _ in range(steps):
-        adam.zero_grad()
-        loss = -(((phi / temperature).softmax(-1) @ matrix) @ u).sum()
-        loss.backward()
-        adam.step()
-    return phi.detach()
+def _hook(guidance, rows, slots, temperature=0.7, top_p=None, top_k=None, stop=(100,), seed=0):
+    return guidance.bind(["p"] * rows, slots, stop, temperature, top_p, top_k, torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("steps,lr", [(1, 0.5), (3, 0.25)])
-def test_guidance_step_equals_naive_adam_on_masked_logits(steps, lr):
+@pytest.mark.parametrize("method,steps,lr,top_p,top_k", [
+    ("expectation", 1, 0.5, None, None), ("expectation", 3, 0.25, None, None),
+    ("entrgi", 3, 0.5, 0.95, None), ("aps", 1, 0.5, 0.9, 4), ("entrgi", 2, 0.5, None, 3),
+])
+def test_guidance_step_equals_the_naive_reference(method, steps, lr, top_p, top_k):
+    """Chunked, in place, closed-form first step — and still the paper's M Adam steps on φ, sample for sample."""
     torch.manual_seed(0)
     B, L = 2, 4
     matrix, u = torch.randn(V, D), torch.randn(D)
-    logits = torch.randn(B, L, V)
     tokens = torch.randint(0, 8, (B, L))
     masked = torch.tensor([[True, False, True, True], [False, True, True, False]])
     tokens[masked] = 9  # the mask id; no stop token among the revealed ones
-    guidance = _guidance("expectation", steps, lr, u, matrix)
-    scorer = guidance.scorer(["p", "q"], L)
+    phi = torch.randn(int(masked.sum()), V)
+    start = phi.clone()
+    guidance = _guidance(method, steps, lr, u, matrix, chunk_rows=2)
     stats = GuidanceStats()
     # no stop token anywhere, so every slot counts and the naive objective is the same
-    guided = guidance(logits, tokens, masked, scorer, stop_token_ids=(100,), temperature=0.7, top_p=None,
-                      top_k=None, generator=torch.Generator().manual_seed(0), stats=stats)
-    expected = _expected_guided_expectation(logits[masked], matrix, u, steps, lr, 0.7)
-    assert torch.allclose(guided[masked], expected, atol=1e-5)
-    assert torch.equal(guided[~masked], logits[~masked])  # revealed slots untouched
+    guided = _hook(guidance, B, L, top_p=top_p, top_k=top_k)(phi, tokens, masked, stats)
+
+    def reward(embeds, _phi):
+        return embeds @ u  # per slot; summed by the caller: the same objective as Σ_rows
+
+    expected = oracles.guided_logits(start, matrix, reward, method, steps, lr, 0.7, top_p, top_k,
+                                     torch.Generator().manual_seed(0))
+    assert guided.data_ptr() == phi.data_ptr()  # updated in place: no second copy of φ
+    assert torch.allclose(guided, expected, atol=1e-5)
     assert stats.rm_forward_backward == steps and stats.steps == 1
     assert guidance.reward_model.calls == steps
 
@@ -165,32 +175,29 @@ def test_guidance_step_equals_naive_adam_on_masked_logits(steps, lr):
 def test_guidance_uses_a_fresh_optimiser_every_denoising_step():
     torch.manual_seed(0)
     matrix, u = torch.randn(V, D), torch.randn(D)
-    logits = torch.randn(1, 3, V)
     tokens = torch.full((1, 3), 9)
     masked = torch.ones(1, 3, dtype=torch.bool)
-    guidance = _guidance("expectation", 1, 0.5, u, matrix)
-    scorer = guidance.scorer(["p"], 3)
-    kwargs = dict(stop_token_ids=(100,), temperature=1.0, top_p=None, top_k=None)
-    first = guidance(logits, tokens, masked, scorer, **kwargs)
-    second = guidance(first, tokens, masked, scorer, **kwargs)
+    guide = _hook(_guidance("expectation", 1, 0.5, u, matrix), 1, 3, temperature=1.0)
+    logits = torch.randn(3, V)
+    first = guide(logits.clone(), tokens, masked)
+    second = guide(first.clone(), tokens, masked)
     # each call's single step is the closed form η·g/(|g|+ε) of that call's gradient: no momentum carried over
     for before, after in ((logits, first), (first, second)):
-        phi = before[masked].clone().requires_grad_(True)
+        phi = before.clone().requires_grad_(True)
         (g,) = torch.autograd.grad(-((phi.softmax(-1) @ matrix) @ u).sum(), phi)
-        assert torch.allclose(after[masked], phi.detach() - 0.5 * g / (g.abs() + 1e-8), atol=1e-5)
+        assert torch.allclose(after, phi.detach() - 0.5 * g / (g.abs() + 1e-8), atol=1e-5)
 
 
 def test_guidance_raises_the_reward_of_the_relaxed_proposals():
     torch.manual_seed(1)
     matrix, u = torch.randn(V, D), torch.randn(D)
-    logits = torch.randn(3, 6, V)
     tokens = torch.full((3, 6), 9)
     masked = torch.ones(3, 6, dtype=torch.bool)
+    logits = torch.randn(18, V)
     for method in ("entrgi", "aps", "expectation"):
         guidance = _guidance(method, 3, 0.5, u, matrix, measure_gain=True)
         stats = GuidanceStats()
-        guidance(logits, tokens, masked, guidance.scorer(["a", "b", "c"], 6), (10,), 0.7, 0.95, None,
-                 torch.Generator().manual_seed(0), stats)
+        _hook(guidance, 3, 6, top_p=0.95)(logits.clone(), tokens, masked, stats)
         metrics = stats.as_metrics()
         assert metrics["reward_gain"] > 0, method
         assert stats.rm_forward == 1 and stats.rm_forward_backward == 3
@@ -206,14 +213,13 @@ def test_slots_after_the_first_stop_token_do_not_reach_the_reward():
     ]
     # a masked slot whose argmax is a stop token cuts the response there, and gets no gradient after it
     matrix, u = torch.randn(V, D), torch.randn(D)
-    logits = torch.randn(1, 4, V)
-    logits[0, 1, 10] = 50.0  # slot 1 predicts the stop token
+    logits = torch.randn(4, V)
+    logits[1, 10] = 50.0  # slot 1 predicts the stop token
     tokens = torch.full((1, 4), 9)
     masked = torch.ones(1, 4, dtype=torch.bool)
-    guidance = _guidance("expectation", 1, 0.5, u, matrix)
-    guided = guidance(logits, tokens, masked, guidance.scorer(["p"], 4), (10,), 1.0, None, None)
-    assert not torch.equal(guided[0, 0], logits[0, 0])
-    assert torch.equal(guided[0, 1:], logits[0, 1:])  # from the stop on: no gradient, no change
+    guided = _hook(_guidance("expectation", 1, 0.5, u, matrix), 1, 4, 1.0, stop=(10,))(logits.clone(), tokens, masked)
+    assert not torch.equal(guided[0], logits[0])
+    assert torch.equal(guided[1:], logits[1:])  # from the stop on: no gradient, no change
 
 
 def test_guidance_config_validation():

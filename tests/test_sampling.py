@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from rgrl.distributions import nucleus
 from rgrl.models.family import resolve_family
 from rgrl.models.tiny import build_tokenizer
 from rgrl.sampling import (
@@ -72,15 +73,27 @@ def test_block_plan_splits_steps_evenly_and_rejects_bad_shapes():
 
 def test_confidence_rules_against_direct_formulas():
     logits = torch.randn(5, 7)
-    probs = (logits / 0.5).softmax(-1)
     ids = torch.tensor([0, 1, 2, 3, 4])
-    assert torch.allclose(confidence("entropy", probs, logits, ids), (probs * probs.log()).sum(-1))
-    assert torch.allclose(confidence("maskgit_plus", probs, logits, ids), probs[torch.arange(5), ids])
+    candidates = nucleus(logits, temperature=0.5)  # unfiltered: the whole vocabulary
+    probs = (logits / 0.5).softmax(-1)
+    assert torch.allclose(confidence("entropy", candidates, logits, ids), (probs * probs.log()).sum(-1))
+    assert torch.allclose(confidence("maskgit_plus", candidates, logits, ids), probs[torch.arange(5), ids])
     top = probs.sort(-1, descending=True).values
-    assert torch.allclose(confidence("topk_margin", probs, logits, ids), top[:, 0] - top[:, 1])
-    assert torch.allclose(confidence("low_confidence", probs, logits, ids), logits.softmax(-1)[torch.arange(5), ids])
-    random_conf = confidence("random", probs, logits, ids, torch.Generator().manual_seed(0))
+    assert torch.allclose(confidence("topk_margin", candidates, logits, ids), top[:, 0] - top[:, 1])
+    assert torch.allclose(confidence("low_confidence", candidates, logits, ids),
+                          logits.softmax(-1)[torch.arange(5), ids])
+    random_conf = confidence("random", candidates, logits, ids, torch.Generator().manual_seed(0))
     assert random_conf.shape == (5,) and ((0 <= random_conf) & (random_conf < 1)).all()
+    # filtered: the rules read the renormalised kept distribution; a token outside it has probability 0
+    kept = torch.full_like(logits, -math.inf).scatter(-1, logits.topk(3).indices, logits.topk(3).values)
+    filtered = (kept / 0.5).softmax(-1)
+    candidates = nucleus(logits, temperature=0.5, top_k=3)
+    assert torch.allclose(confidence("entropy", candidates, logits, ids),
+                          torch.special.xlogy(filtered, filtered).sum(-1), atol=1e-6)
+    assert torch.allclose(confidence("maskgit_plus", candidates, logits, ids), filtered[torch.arange(5), ids])
+    top = filtered.sort(-1, descending=True).values
+    assert torch.allclose(confidence("topk_margin", candidates, logits, ids), top[:, 0] - top[:, 1])
+    assert confidence("topk_margin", nucleus(logits, 0.5, top_k=1), logits, ids).eq(1.0).all()
 
 
 def test_completion_mask_includes_the_first_stop_token():
@@ -186,15 +199,15 @@ class ScriptedGuidance:
 
     def __init__(self, bias):
         self.bias = bias
-        self.embedding_matrix = torch.zeros(1)
+        self.device = torch.device("cpu")
         self.calls = 0
 
-    def scorer(self, prompts, num_slots):
-        return None
+    def bind(self, prompts, num_slots, stop_token_ids, temperature, top_p, top_k, generator):
+        def guide(logits, tokens, masked, stats):
+            self.calls += 1
+            return logits.add_(self.bias)  # in place, as the real hook does
 
-    def __call__(self, logits, tokens, masked, scorer, stop_token_ids, temperature, top_p, top_k, generator, stats):
-        self.calls += 1
-        return logits + self.bias
+        return guide
 
 
 def test_guidance_runs_every_step_and_confidence_can_come_from_unguided_logits(tokenizer):

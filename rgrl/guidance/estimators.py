@@ -20,7 +20,7 @@ from typing import Literal
 
 import torch
 
-from rgrl.distributions import normalized_entropy, sample_tokens
+from rgrl.distributions import normalized_entropy, sample_tokens, scale_logits, uniforms
 
 GUIDANCE_METHODS = ("entrgi", "aps", "expectation", "none")
 
@@ -33,6 +33,7 @@ class GuidanceConfig:
     steps: int = 3  # M: Adam steps on φ per denoising step
     lr: float = 0.5  # η
     measure_gain: bool = True  # one extra RM forward per step to log the reward of the updated proposals
+    chunk_rows: int = 512  # rows of φ [N, V] processed together in the vocabulary-wide operations
 
     def __post_init__(self):
         if self.method not in GUIDANCE_METHODS:
@@ -41,6 +42,8 @@ class GuidanceConfig:
             raise ValueError(f"guidance steps (M) must be >= 1, got {self.steps}.")
         if self.lr <= 0:
             raise ValueError(f"guidance lr (η) must be > 0, got {self.lr}.")
+        if self.chunk_rows < 1:
+            raise ValueError(f"guidance chunk_rows must be >= 1, got {self.chunk_rows}.")
 
 
 def entropy_weight(method: str, logits: torch.Tensor) -> torch.Tensor:
@@ -54,6 +57,25 @@ def entropy_weight(method: str, logits: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"No entropy weight for guidance method {method!r}.")
 
 
+def soft_embeddings(logits: torch.Tensor, embedding_matrix: torch.Tensor, temperature: float) -> torch.Tensor:
+    """s = softmax(φ/τ) @ Ê: [N, V] x [V, d] -> [N, d] in Ê's dtype (τ = 0: unscaled, as for greedy sampling)."""
+    return scale_logits(logits, temperature).softmax(dim=-1).to(embedding_matrix.dtype) @ embedding_matrix
+
+
+def soft_embedding_grad(
+    logits: torch.Tensor, grad_embeds: torch.Tensor, embedding_matrix: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """The gradient through s = softmax(φ/τ) @ Ê: dL/dφ [N, V] from φ [N, V] and dL/ds [N, d].
+
+    With q = softmax(φ/τ) and G = dL/ds @ Êᵀ [N, V]: dL/dφ = q ⊙ (G − ⟨q, G⟩) / τ (τ = 0 counts as 1). Recomputing q
+    here instead of keeping autograd's copy is what lets guidance work on φ a chunk of rows at a time.
+    """
+    probs = scale_logits(logits, temperature).softmax(dim=-1)
+    pull = (grad_embeds.to(embedding_matrix.dtype) @ embedding_matrix.T).float()
+    grad = probs * (pull - (probs * pull).sum(dim=-1, keepdim=True))
+    return grad / temperature if temperature > 0 else grad
+
+
 def mixed_embeddings(
     logits: torch.Tensor,
     embedding_matrix: torch.Tensor,
@@ -61,23 +83,26 @@ def mixed_embeddings(
     temperature: float,
     top_p: float | None,
     top_k: int | None,
-    generator: torch.Generator | None = None,
+    uniform: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Reward-model input embeddings at masked positions: e = s + stopgrad(w·(h − s)).
+    """Reward-model input embeddings at masked positions, forward value e = (1 − w)·s + w·h (no autograd).
 
     Args:
-        logits: φ [N, V] (requires grad).
+        logits: φ [N, V].
         embedding_matrix: Ê [V, d], frozen.
         weight: w [N] in [0, 1].
+        uniform: [N] uniforms in [0, 1) for the hard draws (None: greedy, as for τ = 0).
     Returns:
-        e [N, d] in Ê's dtype; its gradient w.r.t. φ is the soft path's.
+        e [N, d] in Ê's dtype. Its gradient w.r.t. φ is the soft path's: `soft_embedding_grad`.
     """
-    soft = (logits / temperature).softmax(dim=-1).to(embedding_matrix.dtype) @ embedding_matrix
-    with torch.no_grad():
-        hard_ids, _ = sample_tokens(logits.detach(), temperature, top_p, top_k, generator)
-        hard = embedding_matrix[hard_ids]
-    w = weight.to(soft.dtype).unsqueeze(-1)
-    return soft + (w * (hard - soft)).detach()
+    soft = soft_embeddings(logits, embedding_matrix, temperature)
+    hard = embedding_matrix[sample_tokens(logits, temperature, top_p, top_k, uniform)[0]]
+    return soft + weight.to(soft.dtype).unsqueeze(-1) * (hard - soft)
+
+
+def row_chunks(num_rows: int, chunk_rows: int) -> list[slice]:
+    """Slices covering 0..num_rows in pieces of at most chunk_rows."""
+    return [slice(start, min(start + chunk_rows, num_rows)) for start in range(0, num_rows, chunk_rows)]
 
 
 @dataclass
@@ -124,9 +149,16 @@ class RewardGuidance:
         self.reward_model = reward_model
         self.embedding_matrix = bridge.embedding_matrix(reward_model.input_embeddings)  # Ê [V, d]
 
-    def scorer(self, prompts: list, num_slots: int):
-        """Reward of response embeddings for these prompts (one per row); build once per generation."""
-        return self.reward_model.embedding_scorer(prompts, num_slots=num_slots)
+    @property
+    def device(self) -> torch.device:
+        return self.embedding_matrix.device
+
+    def bind(self, prompts: list, num_slots: int, stop_token_ids: tuple[int, ...], temperature: float,
+             top_p: float | None, top_k: int | None, generator: torch.Generator | None = None) -> GuidanceHook:
+        """The guidance of one generation: these prompts (one per row), `num_slots` response slots, the sampler's
+        stop tokens and sampling settings, and the generator of its hard draws (on the guidance device)."""
+        scorer = self.reward_model.embedding_scorer(prompts, num_slots=num_slots)
+        return GuidanceHook(self, scorer, stop_token_ids, temperature, top_p, top_k, generator)
 
     def response_embeddings(self, tokens: torch.Tensor, masked: torch.Tensor, masked_embeds: torch.Tensor):
         """[B, L] canvas tokens, [B, L] masked flags, [N, d] embeddings at masked slots -> [B, L, d]."""
@@ -139,93 +171,110 @@ class RewardGuidance:
         is_stop = torch.isin(ids, torch.tensor(stop_token_ids, device=ids.device))
         return is_stop.long().cumsum(dim=-1) == 0
 
-    def __call__(
-        self,
-        logits: torch.Tensor,
-        tokens: torch.Tensor,
-        masked: torch.Tensor,
-        scorer,
-        stop_token_ids: tuple[int, ...],
-        temperature: float,
-        top_p: float | None,
-        top_k: int | None,
-        generator: torch.Generator | None = None,
-        stats: GuidanceStats | None = None,
-    ) -> torch.Tensor:
+
+class GuidanceHook:
+    """`RewardGuidance` bound to one generation; the sampler calls it once per denoising step.
+
+    Works on φ [N, V] in place, `config.chunk_rows` rows at a time for everything that spans the vocabulary (softmax,
+    entropy, soft embedding, hard draw, the soft path's gradient, the Adam update): besides φ, only the Adam moments
+    (M >= 2) and one chunk's temporaries are ever as wide as the vocabulary.
+    """
+
+    def __init__(self, guidance: RewardGuidance, scorer, stop_token_ids, temperature, top_p, top_k, generator):
+        self.guidance, self.scorer = guidance, scorer
+        self.stop_token_ids = stop_token_ids
+        self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
+        self.generator = generator
+
+    def __call__(self, logits: torch.Tensor, tokens: torch.Tensor, masked: torch.Tensor,
+                 stats: GuidanceStats | None = None) -> torch.Tensor:
         """Guide one denoising step.
 
         Args:
-            logits: [B, L, V] aligned dLLM logits of the completion slots (fp32; impossible tokens at -inf).
+            logits: φ [N, V], the aligned fp32 dLLM logits at the N masked slots (impossible tokens at -inf), in the
+                row order of `masked`; updated in place when it lives on the guidance device.
             tokens: [B, L] current canvas of the completion slots (mask id where masked).
-            masked: [B, L] bool, the slots still masked.
-            scorer: from `self.scorer(prompts, L)`.
+            masked: [B, L] bool, the slots still masked (N of them).
         Returns:
-            [B, L, V] logits with the masked slots replaced by the optimised φ (no grad).
+            the optimised φ [N, V] (no grad) on `logits`' device.
         """
-        if not masked.any():
+        if logits.shape[0] == 0:
             return logits
         start = time.perf_counter()
-        config, device = self.config, self.embedding_matrix.device
+        guidance, config = self.guidance, self.guidance.config
+        device = guidance.device
         tokens, masked = tokens.to(device), masked.to(device)
-        phi = logits[masked].detach().to(device=device, dtype=torch.float32).requires_grad_(True)  # [N, V]
-        adam = _FreshAdam(phi, lr=config.lr)
-
-        def reward(phi_now: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            """Rewards [B] of the current proposals, and the entropy weights [N] used for them."""
-            weight = entropy_weight(config.method, phi_now)
-            embeds = mixed_embeddings(phi_now, self.embedding_matrix, weight, temperature, top_p, top_k, generator)
-            ids = tokens.masked_scatter(masked, phi_now.detach().argmax(dim=-1))
-            keep = self.keep_before_stop(ids, stop_token_ids)
-            return scorer(self.response_embeddings(tokens, masked, embeds), keep), weight
-
-        with torch.enable_grad():
-            for step in range(config.steps):
-                rewards, weight = reward(phi)
-                (gradient,) = torch.autograd.grad(-rewards.sum(), phi)
-                adam.step(gradient)
-                if step == 0 and stats is not None:
-                    stats.reward_before_sum += rewards.detach().mean().item()
-                    stats.entropy_weight_sum += weight.mean().item()
+        phi = logits.to(device=device, dtype=torch.float32)  # the same tensor when it already lives there
+        chunks = row_chunks(phi.shape[0], config.chunk_rows)
+        adam = FreshAdam(phi, lr=config.lr, steps=config.steps)
+        for step in range(config.steps):
+            embeds, weight, rewards = self._propose(phi, tokens, masked, chunks, grad=True)
+            with torch.enable_grad():
+                (grad_embeds,) = torch.autograd.grad(-rewards.sum(), embeds)
+            adam.step((rows, soft_embedding_grad(phi[rows], grad_embeds[rows], guidance.embedding_matrix,
+                                                 self.temperature)) for rows in chunks)
+            if step == 0 and stats is not None:
+                stats.reward_before_sum += rewards.detach().mean().item()
+                stats.entropy_weight_sum += weight.mean().item()
         if stats is not None:
             stats.steps += 1
             stats.rm_forward_backward += config.steps
             if config.measure_gain:
-                with torch.no_grad():
-                    stats.reward_after_sum += reward(phi)[0].mean().item()
+                stats.reward_after_sum += self._propose(phi, tokens, masked, chunks, grad=False)[2].mean().item()
                 stats.rm_forward += 1
             stats.seconds += time.perf_counter() - start
-        guided = logits.clone()
-        guided[masked.to(logits.device)] = phi.detach().to(logits.device, logits.dtype)
-        return guided
+        return phi if phi.device == logits.device else phi.to(logits.device)
+
+    def _propose(self, phi, tokens, masked, chunks, grad: bool):
+        """Embeddings [N, d] of fresh proposals from φ, their weights w [N] and rewards [B] (differentiable in the
+        embeddings when `grad`)."""
+        guidance, config = self.guidance, self.guidance.config
+        matrix = guidance.embedding_matrix
+        uniform = uniforms(phi.shape[0], self.temperature, self.generator, phi.device)
+        embeds = matrix.new_empty((phi.shape[0], matrix.shape[1]))
+        weight = phi.new_empty(phi.shape[0])
+        with torch.no_grad():
+            for rows in chunks:
+                weight[rows] = entropy_weight(config.method, phi[rows])
+                embeds[rows] = mixed_embeddings(phi[rows], matrix, weight[rows], self.temperature, self.top_p,
+                                                self.top_k, None if uniform is None else uniform[rows])
+            ids = tokens.masked_scatter(masked, phi.argmax(dim=-1))
+            keep = guidance.keep_before_stop(ids, self.stop_token_ids)
+        with torch.set_grad_enabled(grad):  # the sampler runs under no_grad; the reward model's pass may not
+            embeds.requires_grad_(grad)
+            rewards = self.scorer(guidance.response_embeddings(tokens, masked, embeds), keep)
+        return embeds, weight, rewards
 
 
-class _FreshAdam:
-    """Adam on one tensor, started from zero state (torch.optim.Adam's update, defaults betas/eps).
+class FreshAdam:
+    """Adam on φ [N, V] from zero state (torch.optim.Adam's update, default betas/eps), given its gradient in chunks.
 
-    Its first step is the closed form lr·g/(|g| + eps); the moment buffers (each as large as φ) are only
-    allocated when a second step follows, which keeps M = 1 (the RGRL rollout setting) at one copy of φ.
+    The first step is the closed form lr·g/(|g| + eps); the moment buffers (each as large as φ) exist only when more
+    steps follow (M >= 2), so M = 1 — the RGRL rollout setting — never holds a full gradient.
     """
 
-    def __init__(self, param: torch.Tensor, lr: float, betas=(0.9, 0.999), eps: float = 1e-8):
+    def __init__(self, param: torch.Tensor, lr: float, steps: int, betas=(0.9, 0.999), eps: float = 1e-8):
         self.param, self.lr, self.betas, self.eps = param, lr, betas, eps
         self.count = 0
-        self.first_gradient = None
-        self.exp_avg = self.exp_avg_sq = None
+        self.exp_avg = torch.empty_like(param) if steps > 1 else None
+        self.exp_avg_sq = torch.empty_like(param) if steps > 1 else None
 
     @torch.no_grad()
-    def step(self, gradient: torch.Tensor) -> None:
+    def step(self, gradients) -> None:
+        """One step; `gradients` yields (rows, g [rows, V]) covering φ, each computed before its rows change."""
         self.count += 1
         beta1, beta2 = self.betas
-        if self.count == 1:
-            self.param.sub_(self.lr * gradient / (gradient.abs() + self.eps))
-            self.first_gradient = gradient
-            return
-        if self.exp_avg is None:  # replay step 1 into the moment buffers
-            self.exp_avg = (1 - beta1) * self.first_gradient
-            self.exp_avg_sq = (1 - beta2) * self.first_gradient.square()
-            self.first_gradient = None
-        self.exp_avg.mul_(beta1).add_(gradient, alpha=1 - beta1)
-        self.exp_avg_sq.mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
-        bias1, bias2 = 1 - beta1**self.count, 1 - beta2**self.count
-        denom = (self.exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(self.eps)
-        self.param.addcdiv_(self.exp_avg, denom, value=-self.lr / bias1)
+        for rows, gradient in gradients:
+            param = self.param[rows]
+            if self.count == 1:
+                param.sub_(self.lr * gradient / (gradient.abs() + self.eps))
+                if self.exp_avg is not None:
+                    self.exp_avg[rows] = (1 - beta1) * gradient
+                    self.exp_avg_sq[rows] = (1 - beta2) * gradient.square()
+                continue
+            exp_avg, exp_avg_sq = self.exp_avg[rows], self.exp_avg_sq[rows]
+            exp_avg.mul_(beta1).add_(gradient, alpha=1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
+            bias1, bias2 = 1 - beta1**self.count, 1 - beta2**self.count
+            denom = (exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(self.eps)
+            param.addcdiv_(exp_avg, denom, value=-self.lr / bias1)

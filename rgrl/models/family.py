@@ -8,11 +8,11 @@ masked diffusion LM works when the recipe supplies the missing settings explicit
 
 from __future__ import annotations
 
-import functools
-import inspect
 from dataclasses import dataclass, field
 
 import torch
+
+from rgrl.models.layers import MaskedLMForward
 
 # Chat templates shaped like the real checkpoints' ones; used by the tiny fixtures and as a fallback for a
 # tokenizer that ships none.
@@ -126,17 +126,24 @@ class DiffusionFamily:
         return torch.cat([logits[:, :1], logits[:, :-1]], dim=1)
 
     def completion_logits(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, num_slots: int):
-        """One forward of `model` -> aligned logits [B, num_slots, V] of the last `num_slots` positions.
+        """One forward of `model` -> aligned logits [B, num_slots, V] of the last `num_slots` positions."""
+        slots = input_ids.new_ones((input_ids.shape[0], num_slots), dtype=torch.bool)
+        return self.slot_logits(model, input_ids, attention_mask, slots).unflatten(0, slots.shape)
 
-        input_ids/attention_mask: [B, N], the completion slots last. Models that accept `logits_to_keep` (rgrl's
-        native ones) project only the N - start rows needed: num_slots + 1 for a shifted family, else num_slots.
+    def slot_logits(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, slots: torch.Tensor):
+        """One forward of `model` -> aligned logits [N, V] of the N slots where `slots` [B, S] is True.
+
+        input_ids/attention_mask: [B, T] with the S completion slots last (after a non-empty prompt); rows of the
+        result follow `slots` in row-major order. rgrl's native models
+        send only those N hidden states through the LM head — for a shifted family the row before each slot.
         """
-        keep = num_slots + 1 if self.shifted_logits else num_slots
-        if _accepts_logits_to_keep(model):
-            logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
-        else:
-            logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, -keep:]
-        return self.aligned_logits(logits, start=keep - num_slots)
+        keep = torch.zeros_like(input_ids, dtype=torch.bool)
+        keep[:, -slots.shape[1]:] = slots
+        if self.shifted_logits:
+            keep = keep.roll(-1, dims=1)  # position i's prediction is the logit at i - 1
+        if _packs_slot_logits(model):
+            return model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[keep]
 
     def render_prompt(self, tokenizer, messages: list[dict] | str) -> str:
         """Render a user prompt (text or chat messages) with the chat template, ready for the assistant turn."""
@@ -153,14 +160,10 @@ class DiffusionFamily:
         )
 
 
-def _accepts_logits_to_keep(model) -> bool:
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # through peft's wrapper
-    return _forward_takes(type(base), "logits_to_keep")
-
-
-@functools.cache
-def _forward_takes(model_class: type, name: str) -> bool:
-    return name in inspect.signature(model_class.forward).parameters
+def _packs_slot_logits(model) -> bool:
+    """Whether the model takes a boolean `logits_to_keep` (rgrl's native Dream and LLaDA), through peft's wrapper."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return isinstance(base, MaskedLMForward)
 
 
 def _token_id(tokenizer, token: str | None) -> int | None:

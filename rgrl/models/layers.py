@@ -283,13 +283,14 @@ class MaskedLMForward:
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
-        logits_to_keep: int = 0,
+        logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
     ) -> MaskedLMOutput | tuple:
         """Logits [B, L, vocab] in the model dtype (see the base model's forward for the inputs).
 
-        logits_to_keep: if > 0, only the last `logits_to_keep` positions get logits ([B, logits_to_keep, vocab]),
-        which spares the vocabulary projection of a long prompt (transformers' convention).
+        logits_to_keep: if an int > 0, only the last `logits_to_keep` positions get logits ([B, logits_to_keep,
+        vocab]; transformers' convention), which spares the vocabulary projection of a long prompt. If a boolean
+        [B, L] tensor, only the positions where it is True get logits, packed in row-major order: [N, vocab].
         """
         outputs = self.model(
             input_ids=input_ids,
@@ -301,7 +302,9 @@ class MaskedLMForward:
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state
-        if logits_to_keep:
+        if isinstance(logits_to_keep, torch.Tensor):
+            hidden_states = hidden_states[logits_to_keep]
+        elif logits_to_keep:
             hidden_states = hidden_states[:, -logits_to_keep:]
         output = MaskedLMOutput(logits=self.get_output_embeddings()(hidden_states), hidden_states=outputs.hidden_states)
         return output if (self.config.return_dict if return_dict is None else return_dict) else output.to_tuple()

@@ -16,7 +16,7 @@ from typing import Literal
 
 import torch
 
-from rgrl.distributions import sample_tokens, tempered_probs
+from rgrl.distributions import nucleus, sample_tokens, uniforms
 from rgrl.guidance import GuidanceStats, RewardGuidance
 from rgrl.models.family import DiffusionFamily
 from rgrl.sampling.confidence import CONFIDENCE_RULES, confidence
@@ -151,10 +151,13 @@ class DiffusionSampler:
         stop_ids = torch.tensor(family.stop_token_ids, device=device)
         stats = GenerationStats(rows=batch)
         history = [] if record_history else None
-        scorer = self.guidance.scorer(prompts, length) if self.guidance is not None else None
-        guidance_generator = None
-        if self.guidance is not None and self.guidance.embedding_matrix.device != device:
-            guidance_generator = torch.Generator(self.guidance.embedding_matrix.device).manual_seed(seed + 1)
+        guide = None
+        if self.guidance is not None:
+            guidance_generator = generator
+            if self.guidance.device != device:
+                guidance_generator = torch.Generator(self.guidance.device).manual_seed(seed + 1)
+            guide = self.guidance.bind(prompts, length, family.stop_token_ids, config.temperature, config.top_p,
+                                       config.top_k, guidance_generator)
 
         was_training = self.model.training
         self.model.eval()  # no dropout (LoRA included) in rollouts
@@ -162,14 +165,13 @@ class DiffusionSampler:
             for step in self.plan:
                 slots = canvas[:, prompt_length:]
                 masked = slots == family.mask_token_id
-                logits = self._completion_logits(canvas, attention_mask, length)
+                logits = self._masked_logits(canvas, attention_mask, masked)  # [N, V]
                 stats.dllm_forwards += 1
                 guided = logits
-                if self.guidance is not None:
-                    guided = self.guidance(
-                        logits, slots, masked, scorer, family.stop_token_ids, config.temperature, config.top_p,
-                        config.top_k, generator=guidance_generator or generator, stats=stats.guidance,
-                    )
+                if guide is not None:
+                    unguided = logits.clone() if config.confidence_from == "unguided" else logits
+                    guided = guide(logits, slots, masked, stats.guidance)  # may update logits in place
+                    logits = unguided
                 self._reveal(slots, masked, guided, logits, step, stop_ids, generator)
                 if history is not None:
                     history.append(slots.cpu().clone())
@@ -196,25 +198,28 @@ class DiffusionSampler:
         rows = [ids[keep].tolist() for ids, keep in zip(completion_ids, before_stop)]
         return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
 
-    def _completion_logits(self, canvas: torch.Tensor, attention_mask: torch.Tensor, length: int):
-        """Aligned fp32 logits of the completion slots [B, L, V], impossible tokens at -inf."""
-        logits = self.family.completion_logits(self.model, canvas, attention_mask, length).float()
-        logits[..., self.family.mask_token_id] = -math.inf  # never "reveal" a mask
+    def _masked_logits(self, canvas: torch.Tensor, attention_mask: torch.Tensor, masked: torch.Tensor):
+        """Aligned fp32 logits [N, V] of the N masked completion slots (row order of `masked` [B, L]), impossible
+        tokens at -inf. Only those slots go through the LM head."""
+        logits = self.family.slot_logits(self.model, canvas, attention_mask, masked).float()
+        logits[:, self.family.mask_token_id] = -math.inf  # never "reveal" a mask
         if self.family.num_tokens < logits.shape[-1]:
-            logits[..., self.family.num_tokens:] = -math.inf  # embedding rows that are no token
+            logits[:, self.family.num_tokens:] = -math.inf  # embedding rows that are no token
         return logits
 
     def _reveal(self, slots, masked, guided, unguided, step, stop_ids, generator) -> None:
-        """Sample tokens at the masked slots and write the `step.count` most confident into `slots` (in place)."""
+        """Sample tokens at the masked slots from `guided` [N, V] and write the `step.count` most confident into
+        `slots` (in place); with `confidence_from: unguided` the ranking reads `unguided` [N, V] instead."""
         config = self.config
         if not masked.any():
             return
-        rank_logits = guided[masked]  # [N, V]
-        ids, probs = sample_tokens(rank_logits, config.temperature, config.top_p, config.top_k, generator)
+        uniform = uniforms(guided.shape[0], config.temperature, generator, guided.device)
+        ids, candidates = sample_tokens(guided, config.temperature, config.top_p, config.top_k, uniform)
+        rank_logits = guided
         if config.confidence_from == "unguided":
-            rank_logits = unguided[masked]
-            probs = tempered_probs(rank_logits, config.temperature, config.top_p, config.top_k)
-        scores = confidence(config.alg, probs, rank_logits, ids, generator).double()
+            rank_logits = unguided
+            candidates = nucleus(unguided, config.temperature, config.top_p, config.top_k)
+        scores = confidence(config.alg, candidates, rank_logits, ids, generator).double()
         if config.alg_temp > 0:  # Gumbel-top-k = drawing slots without replacement from softmax(conf / alg_temp)
             uniform = torch.rand(scores.shape, generator=generator, device=scores.device, dtype=scores.dtype)
             scores = scores / config.alg_temp - torch.log(-torch.log(uniform.clamp_min(1e-20)))
