@@ -148,7 +148,6 @@ class DiffusionSampler:
         generator = torch.Generator(device=device).manual_seed(seed)
         canvas = torch.cat([prompt_ids, prompt_ids.new_full((batch, length), family.mask_token_id)], dim=1)
         attention_mask = torch.cat([prompt_mask.bool(), prompt_mask.new_ones((batch, length), dtype=torch.bool)], 1)
-        stop_ids = torch.tensor(family.stop_token_ids, device=device)
         stats = GenerationStats(rows=batch)
         history = [] if record_history else None
         guide = None
@@ -163,18 +162,9 @@ class DiffusionSampler:
         self.model.eval()  # no dropout (LoRA included) in rollouts
         try:
             for step in self.plan:
-                slots = canvas[:, prompt_length:]
-                masked = slots == family.mask_token_id
-                logits = self._masked_logits(canvas, attention_mask, masked)  # [N, V]
-                stats.dllm_forwards += 1
-                guided = logits
-                if guide is not None:
-                    unguided = logits.clone() if config.confidence_from == "unguided" else logits
-                    guided = guide(logits, slots, masked, stats.guidance)  # may update logits in place
-                    logits = unguided
-                self._reveal(slots, masked, guided, logits, step, stop_ids, generator)
+                self.denoise_step(canvas, attention_mask, step, guide, stats, generator)
                 if history is not None:
-                    history.append(slots.cpu().clone())
+                    history.append(canvas[:, prompt_length:].cpu().clone())
         finally:
             self.model.train(was_training)
 
@@ -190,6 +180,24 @@ class DiffusionSampler:
             stats=stats,
             history=history,
         )
+
+    @torch.no_grad()
+    def denoise_step(self, canvas: torch.Tensor, attention_mask: torch.Tensor, step, guide,
+                     stats: GenerationStats, generator: torch.Generator) -> None:
+        """One denoising step on canvas [B, P + L] (the L completion slots last), in place: a dLLM forward, the
+        guidance hook `guide` (from `RewardGuidance.bind`, or None), then sampling and revealing per `step` (a
+        `RevealStep` of the plan)."""
+        config = self.config
+        slots = canvas[:, -config.completion_length:]
+        masked = slots == self.family.mask_token_id
+        logits = self._masked_logits(canvas, attention_mask, masked)  # [N, V]
+        stats.dllm_forwards += 1
+        guided = logits
+        if guide is not None:
+            unguided = logits.clone() if config.confidence_from == "unguided" else logits
+            guided = guide(logits, slots, masked, stats.guidance)  # may update logits in place
+            logits = unguided
+        self._reveal(slots, masked, guided, logits, step, generator)
 
     def decode(self, completion_ids: torch.Tensor) -> list[str]:
         """Completion texts, cut before the first stop token, special tokens skipped."""
@@ -207,7 +215,7 @@ class DiffusionSampler:
             logits[:, self.family.num_tokens:] = -math.inf  # embedding rows that are no token
         return logits
 
-    def _reveal(self, slots, masked, guided, unguided, step, stop_ids, generator) -> None:
+    def _reveal(self, slots, masked, guided, unguided, step, generator) -> None:
         """Sample tokens at the masked slots from `guided` [N, V] and write the `step.count` most confident into
         `slots` (in place); with `confidence_from: unguided` the ranking reads `unguided` [N, V] instead."""
         config = self.config
@@ -224,6 +232,7 @@ class DiffusionSampler:
             uniform = torch.rand(scores.shape, generator=generator, device=scores.device, dtype=scores.dtype)
             scores = scores / config.alg_temp - torch.log(-torch.log(uniform.clamp_min(1e-20)))
         if config.deprioritize_eos:
+            stop_ids = torch.tensor(self.family.stop_token_ids, device=ids.device)
             scores = torch.where(torch.isin(ids, stop_ids), scores + _DEPRIORITIZED, scores)
 
         ranking = torch.full(slots.shape, -math.inf, dtype=scores.dtype, device=slots.device)
