@@ -4,12 +4,12 @@ import json
 
 import pytest
 
-from rgrl import bench
+from rgrl.bench import main, toy as bench
 
 
 @pytest.mark.slow
 def test_toy_bench_quick_writes_report_and_plots(tmp_path):
-    bench.main(["toy", "--quick", "--families", "dream", "--out", str(tmp_path), "--work", str(tmp_path / "runs")])
+    main(["toy", "--quick", "--families", "dream", "--out", str(tmp_path), "--work", str(tmp_path / "runs")])
     report = json.loads((tmp_path / "toy.json").read_text())
     methods = [row["method"] for row in report["test_time"]["dream"]]
     assert methods[0].startswith("unguided") and methods[-1].startswith("BoN equal compute")

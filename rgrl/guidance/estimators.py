@@ -201,18 +201,16 @@ class GuidanceHook:
         if logits.shape[0] == 0:
             return logits
         start = time.perf_counter()
-        guidance, config = self.guidance, self.guidance.config
-        device = guidance.device
-        tokens, masked = tokens.to(device), masked.to(device)
-        phi = logits.to(device=device, dtype=torch.float32)  # the same tensor when it already lives there
-        chunks = row_chunks(phi.shape[0], config.chunk_rows)
+        config = self.guidance.config
+        tokens, masked = tokens.to(self.guidance.device), masked.to(self.guidance.device)
+        phi = logits.to(device=self.guidance.device, dtype=torch.float32)  # the same tensor when it already lives there
         adam = FreshAdam(phi, lr=config.lr, steps=config.steps)
         for step in range(config.steps):
-            embeds, weight, rewards = self._propose(phi, tokens, masked, chunks, grad=True)
+            embeds, weight = self.proposals(phi)
+            rewards = self.rewards(phi, embeds.requires_grad_(), tokens, masked)
             with torch.enable_grad():
                 (grad_embeds,) = torch.autograd.grad(-rewards.sum(), embeds)
-            adam.step((rows, soft_embedding_grad(phi[rows], grad_embeds[rows], guidance.embedding_matrix,
-                                                 self.temperature)) for rows in chunks)
+            self.update(adam, phi, grad_embeds)
             if step == 0 and stats is not None:
                 stats.reward_before_sum += rewards.detach().mean().item()
                 stats.entropy_weight_sum += weight.mean().item()
@@ -220,30 +218,40 @@ class GuidanceHook:
             stats.steps += 1
             stats.rm_forward_backward += config.steps
             if config.measure_gain:
-                stats.reward_after_sum += self._propose(phi, tokens, masked, chunks, grad=False)[2].mean().item()
+                stats.reward_after_sum += self.rewards(phi, self.proposals(phi)[0], tokens, masked).mean().item()
                 stats.rm_forward += 1
             stats.seconds += time.perf_counter() - start
         return phi if phi.device == logits.device else phi.to(logits.device)
 
-    def _propose(self, phi, tokens, masked, chunks, grad: bool):
-        """Embeddings [N, d] of fresh proposals from φ, their weights w [N] and rewards [B] (differentiable in the
-        embeddings when `grad`)."""
+    @torch.no_grad()
+    def proposals(self, phi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fresh proposals from φ [N, V]: the reward model's input embeddings e [N, d] and their weights w [N]."""
         guidance, config = self.guidance, self.guidance.config
         matrix = guidance.embedding_matrix
         uniform = uniforms(phi.shape[0], self.temperature, self.generator, phi.device)
         embeds = matrix.new_empty((phi.shape[0], matrix.shape[1]))
         weight = phi.new_empty(phi.shape[0])
+        for rows in row_chunks(phi.shape[0], config.chunk_rows):
+            weight[rows] = entropy_weight(config.method, phi[rows])
+            embeds[rows] = mixed_embeddings(phi[rows], matrix, weight[rows], self.temperature, self.top_p, self.top_k,
+                                            None if uniform is None else uniform[rows])
+        return embeds, weight
+
+    def rewards(self, phi: torch.Tensor, embeds: torch.Tensor, tokens: torch.Tensor, masked: torch.Tensor):
+        """Rewards [B] of the responses holding `embeds` [N, d] at the masked slots, as far as φ's argmax ends them;
+        differentiable in `embeds` when it requires grad (the sampler runs under no_grad; this pass may not)."""
+        guidance = self.guidance
         with torch.no_grad():
-            for rows in chunks:
-                weight[rows] = entropy_weight(config.method, phi[rows])
-                embeds[rows] = mixed_embeddings(phi[rows], matrix, weight[rows], self.temperature, self.top_p,
-                                                self.top_k, None if uniform is None else uniform[rows])
-            ids = tokens.masked_scatter(masked, phi.argmax(dim=-1))
-            keep = guidance.keep_before_stop(ids, self.stop_token_ids)
-        with torch.set_grad_enabled(grad):  # the sampler runs under no_grad; the reward model's pass may not
-            embeds.requires_grad_(grad)
-            rewards = self.scorer(guidance.response_embeddings(tokens, masked, embeds), keep)
-        return embeds, weight, rewards
+            keep = guidance.keep_before_stop(tokens.masked_scatter(masked, phi.argmax(dim=-1)), self.stop_token_ids)
+        with torch.set_grad_enabled(embeds.requires_grad):
+            return self.scorer(guidance.response_embeddings(tokens, masked, embeds), keep)
+
+    def update(self, adam: FreshAdam, phi: torch.Tensor, grad_embeds: torch.Tensor) -> None:
+        """One Adam step on φ [N, V] in place, from the reward's gradient w.r.t. the proposals' embeddings [N, d]."""
+        chunks = row_chunks(phi.shape[0], self.guidance.config.chunk_rows)
+        matrix = self.guidance.embedding_matrix
+        adam.step((rows, soft_embedding_grad(phi[rows], grad_embeds[rows], matrix, self.temperature))
+                  for rows in chunks)
 
 
 class FreshAdam:

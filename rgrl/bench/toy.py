@@ -1,4 +1,4 @@
-"""Benchmarks whose results live in docs/results/: `python -m rgrl.bench toy [--quick] [--out DIR]`.
+"""`python -m rgrl.bench toy [--quick] [--out DIR]`: the paper's claims in the toy world (report in docs/results/).
 
 `toy` checks the paper's claims in the toy world (rgrl/toy), where a ground-truth checker says whether a completion
 follows its instruction and the reward model only approximates it. Run from the repository root (it reads the toy
@@ -60,15 +60,14 @@ class Scale:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m rgrl.bench", description=__doc__.split("\n")[0])
-    parser.add_argument("name", choices=["toy"], help="which benchmark")
+    parser = argparse.ArgumentParser(prog="python -m rgrl.bench toy", description=__doc__.split("\n")[0])
     parser.add_argument("--out", default="docs/results", help="where the report and plots go")
     parser.add_argument("--work", default="outputs/bench_toy", help="where the runs' own outputs go")
     parser.add_argument("--quick", action="store_true", help="a smoke test: tiny sizes, meaningless numbers")
     parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
     parser.add_argument("--skip", nargs="*", choices=["test_time", "ablation", "training"], default=[])
     args = parser.parse_args(argv)
-    command = "python -m rgrl.bench " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    command = "python -m rgrl.bench toy " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     toy(Path(args.out), Path(args.work), Scale.quick() if args.quick else Scale.full(), args.families,
         set(args.skip), command)
 

@@ -1,0 +1,3 @@
+from rgrl.bench import main
+
+main()
