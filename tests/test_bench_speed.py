@@ -1,0 +1,35 @@
+"""`python -m rgrl.bench speed`: its instruments and a run at the tiny shape against the naive guidance."""
+
+import json
+
+import torch
+
+from rgrl.bench import main
+from rgrl.bench.speed import memory_traffic, paper_rollout_flops
+
+
+def test_memory_traffic_counts_each_operand_once_and_views_not_at_all():
+    a, b = torch.ones(1000), torch.ones(1000)
+    assert memory_traffic(lambda: a + b) == 3 * 4000  # two reads, one write
+    assert memory_traffic(lambda: a[:500].add_(1)) == 2 * 2000  # in place: read and write the view's 500 floats
+    assert memory_traffic(lambda: a.view(10, 100).t()) == 0
+
+
+def test_paper_rollout_model_adds_up_and_counts_the_head_on_masked_slots_only():
+    rollout = paper_rollout_flops()
+    assert rollout["total"] == sum(rollout["components"].values())
+    # linear schedule: slot t of 128 is masked for 128 - t steps, so the masked head is about half of every row's
+    assert 0.49 < rollout["components"]["dllm_head_masked_slots"] / rollout["dllm_head_all_completion_rows"] < 0.51
+    assert 0 < rollout["dllm_prompt_share"] < 1 and 0 < rollout["rm_prefix_share"] < 1
+
+
+def test_speed_bench_at_the_tiny_shape_matches_the_naive_guidance(tmp_path):
+    main(["speed", "--shapes", "tiny", "--repeats", "1", "--oracle", "--out", str(tmp_path)])
+    report = json.loads((tmp_path / "speed.json").read_text())
+    (tiny,) = report["shapes"]
+    parts = {row["part"] for row in tiny["parts"]}
+    assert {"dllm_layers", "dllm_head", "guidance_proposals", "rm_forward_backward", "guidance_update",
+            "sample_reveal", "guidance", "guided_step", "unguided_step", "naive_guidance"} <= parts
+    assert tiny["agreement"]["same_argmax"] and tiny["agreement"]["max_abs_phi_difference"] < 1e-3  # of steps of size η = 0.5
+    assert "| guided_step |" in (tmp_path / "speed.md").read_text()
+    assert (tmp_path / "speed.csv").read_text().count("\ntiny,") == len(parts)
