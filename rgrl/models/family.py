@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rgrl.models.layers import MaskedLMForward
+from rgrl.models.layers import MaskedLMForward, PromptCache
 
 # Chat templates shaped like the real checkpoints' ones; used by the tiny fixtures and as a fallback for a
 # tokenizer that ships none.
@@ -130,20 +130,32 @@ class DiffusionFamily:
         slots = input_ids.new_ones((input_ids.shape[0], num_slots), dtype=torch.bool)
         return self.slot_logits(model, input_ids, attention_mask, slots).unflatten(0, slots.shape)
 
-    def slot_logits(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, slots: torch.Tensor):
+    def slot_logits(self, model, input_ids: torch.Tensor, attention_mask: torch.Tensor, slots: torch.Tensor,
+                    prompt_cache: PromptCache | None = None):
         """One forward of `model` -> aligned logits [N, V] of the N slots where `slots` [B, S] is True.
 
         input_ids/attention_mask: [B, T] with the S completion slots last (after a non-empty prompt); rows of the
-        result follow `slots` in row-major order. rgrl's native models
-        send only those N hidden states through the LM head — for a shifted family the row before each slot.
+        result follow `slots` in row-major order. rgrl's native models send only those N hidden states through the
+        LM head — for a shifted family the row before each slot. With a `prompt_cache` (native models only; its
+        length from `cacheable_prompt_length`) that is not filling, only the positions after the cached ones run.
         """
         keep = torch.zeros_like(input_ids, dtype=torch.bool)
         keep[:, -slots.shape[1]:] = slots
         if self.shifted_logits:
             keep = keep.roll(-1, dims=1)  # position i's prediction is the logit at i - 1
-        if _packs_slot_logits(model):
-            return model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits[keep]
+        if not _packs_slot_logits(model):
+            if prompt_cache is not None:
+                raise FamilyError("The prompt cache needs rgrl's native Dream or LLaDA model.")
+            return model(input_ids=input_ids, attention_mask=attention_mask).logits[keep]
+        if prompt_cache is not None and not prompt_cache.filling:
+            input_ids, keep = input_ids[:, prompt_cache.length:], keep[:, prompt_cache.length:]
+        return model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep,
+                     prompt_cache=prompt_cache).logits
+
+    def cacheable_prompt_length(self, prompt_length: int) -> int:
+        """How many leading positions a prompt cache can hold: the whole prompt, or all but its last position for a
+        shifted family (that position predicts the first completion slot, so it runs with the completion)."""
+        return prompt_length - 1 if self.shifted_logits else prompt_length
 
     def render_prompt(self, tokenizer, messages: list[dict] | str) -> str:
         """Render a user prompt (text or chat messages) with the chat template, ready for the assistant turn."""

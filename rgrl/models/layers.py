@@ -8,6 +8,7 @@ Shapes: B batch, L sequence length, H query heads, Hkv key/value heads, D head d
 """
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -128,6 +129,30 @@ def eager_attention(
     return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
+@dataclass
+class PromptCache:
+    """Keys and values of the first `length` positions, per layer, kept from one forward and reused by later ones.
+
+    The cache mode of sampling (beyond the paper): a forward over the whole canvas with `filling=True` stores the
+    rotated keys/values of positions 0..length-1; forwards with `filling=False` then run only the positions from
+    `length` on (their `input_ids`; the attention mask still spans every position) and attend to the stored ones.
+    In a bidirectional model the stored keys/values also depend on the later tokens, so reuse after those change is
+    an approximation (as in Fast-dLLM); right after filling it is exact.
+    """
+
+    length: int
+    filling: bool = True
+    keys: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+    values: dict[int, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def extend(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A layer's keys/values [B, Hkv, L, D] -> those it attends to: stored (filling) or prefixed by the store."""
+        if self.filling:
+            self.keys[layer], self.values[layer] = key[:, :, : self.length], value[:, :, : self.length]
+            return key, value
+        return torch.cat([self.keys[layer], key], dim=2), torch.cat([self.values[layer], value], dim=2)
+
+
 def bidirectional_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -135,17 +160,21 @@ def bidirectional_attention(
     value: torch.Tensor,
     position_embeddings: tuple[torch.Tensor, torch.Tensor],
     attention_mask: torch.Tensor | None,
+    prompt_cache: PromptCache | None = None,
 ) -> torch.Tensor:
     """Full (non-causal) multi-head attention over projected q [B, L, H*D] and k/v [B, L, Hkv*D] -> [B, L, H*D].
 
     `module` is the layer owning the projections; it is what transformers' attention backends receive, so it carries
-    `config` (for `_attn_implementation`), `head_dim`, `num_key_value_groups`, `attention_dropout` and
-    `is_causal = False`. The mask comes from `bidirectional_attention_mask`.
+    `config` (for `_attn_implementation`), `head_dim`, `num_key_value_groups`, `attention_dropout`, `layer_idx` and
+    `is_causal = False`. The mask comes from `bidirectional_attention_mask`. With a `prompt_cache` that is not
+    filling, the queries also attend to the cached positions before them.
     """
     batch, length = query.shape[:2]
     query, key, value = (t.view(batch, length, -1, module.head_dim).transpose(1, 2) for t in (query, key, value))
     cos, sin = position_embeddings
     query, key = apply_rotary(query, cos, sin), apply_rotary(key, cos, sin)
+    if prompt_cache is not None:
+        key, value = prompt_cache.extend(module.layer_idx, key, value)
     attention = ALL_ATTENTION_FUNCTIONS.get_interface(module.config._attn_implementation, eager_attention)
     output, _ = attention(
         module,
@@ -210,14 +239,24 @@ def run_decoder(
     rope_dtype: torch.dtype,
     output_hidden_states: bool | None,
     return_dict: bool | None,
+    prompt_cache: PromptCache | None = None,
 ) -> BaseModelOutput | tuple:
-    """The layer stack of both families: hidden_states [B, L, hidden] -> normed last_hidden_state [B, L, hidden]."""
+    """The layer stack of both families: hidden_states [B, L, hidden] -> normed last_hidden_state [B, L, hidden].
+
+    With a `prompt_cache` that is not filling, hidden_states are the positions after the cached ones and a 2-D
+    attention_mask spans all positions [B, cached + L]."""
+    if prompt_cache is not None and not prompt_cache.filling and attention_mask is not None:
+        if attention_mask.ndim != 2:
+            raise ValueError("A prompt cache takes a 2-D [batch, cached + length] attention mask.")
+        queries = hidden_states.shape[1]  # every query may attend to every real token, cached ones included
+        attention_mask = attention_mask.bool()[:, None, None, :].expand(-1, 1, queries, -1)
     mask = bidirectional_attention_mask(config, hidden_states, attention_mask)
     position_embeddings = rotary_emb(position_ids, dtype=rope_dtype)
     all_hidden_states = []
     for layer in layers:
         all_hidden_states.append(hidden_states)
-        hidden_states = layer(hidden_states, attention_mask=mask, position_embeddings=position_embeddings)
+        hidden_states = layer(hidden_states, attention_mask=mask, position_embeddings=position_embeddings,
+                              prompt_cache=prompt_cache)
     hidden_states = final_norm(hidden_states)
     all_hidden_states.append(hidden_states)
     if output_hidden_states is None:
@@ -284,6 +323,7 @@ class MaskedLMForward:
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        prompt_cache: PromptCache | None = None,
         **kwargs,
     ) -> MaskedLMOutput | tuple:
         """Logits [B, L, vocab] in the model dtype (see the base model's forward for the inputs).
@@ -291,6 +331,7 @@ class MaskedLMForward:
         logits_to_keep: if an int > 0, only the last `logits_to_keep` positions get logits ([B, logits_to_keep,
         vocab]; transformers' convention), which spares the vocabulary projection of a long prompt. If a boolean
         [B, L] tensor, only the positions where it is True get logits, packed in row-major order: [N, vocab].
+        prompt_cache: see `PromptCache` (L is then the number of positions after the cached ones).
         """
         outputs = self.model(
             input_ids=input_ids,
@@ -299,6 +340,7 @@ class MaskedLMForward:
             inputs_embeds=inputs_embeds,
             output_hidden_states=output_hidden_states,
             return_dict=True,
+            prompt_cache=prompt_cache,
             **kwargs,
         )
         hidden_states = outputs.last_hidden_state

@@ -16,6 +16,7 @@ from rgrl.models.configuration_dream import DreamConfig
 from rgrl.models.layers import (
     MaskedDiffusionPreTrainedModel,
     MaskedLMForward,
+    PromptCache,
     RMSNorm,
     RotaryEmbedding,
     bidirectional_attention,
@@ -48,9 +49,9 @@ class DreamAttention(nn.Module):
         self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=True)
         self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
 
-    def forward(self, x: torch.Tensor, position_embeddings, attention_mask) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, position_embeddings, attention_mask, prompt_cache=None) -> torch.Tensor:
         attended = bidirectional_attention(
-            self, self.q_proj(x), self.k_proj(x), self.v_proj(x), position_embeddings, attention_mask
+            self, self.q_proj(x), self.k_proj(x), self.v_proj(x), position_embeddings, attention_mask, prompt_cache
         )
         return self.o_proj(attended)
 
@@ -77,9 +78,10 @@ class DreamDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask=None, position_embeddings=None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, position_embeddings=None,
+                prompt_cache=None) -> torch.Tensor:
         hidden_states = hidden_states + self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, attention_mask
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, prompt_cache
         )
         return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
 
@@ -117,13 +119,15 @@ class DreamBaseModel(DreamPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        prompt_cache: PromptCache | None = None,
         **kwargs,
     ) -> BaseModelOutput | tuple:
         """input_ids [B, L] or inputs_embeds [B, L, hidden] -> last_hidden_state [B, L, hidden].
 
         attention_mask: None, a 2-D [B, L] padding mask (1 = token, 0 = pad), or upstream's 4-D boolean mask / "full".
         position_ids default to (cumsum(mask) - 1).clamp(min=0) for a 2-D mask, so left pads shift nothing, else
-        to 0..L-1.
+        to 0..L-1. With a `prompt_cache` (`layers.PromptCache`) that is not filling, the inputs are the positions
+        after the cached ones, the 2-D mask spans all positions, and position ids are those of the last L.
         """
         inputs_embeds = embed_inputs(self.embed_tokens, input_ids, inputs_embeds, kwargs)
         if isinstance(attention_mask, str):  # upstream's generation code passes "full" for an unpadded batch
@@ -132,11 +136,11 @@ class DreamBaseModel(DreamPreTrainedModel):
             attention_mask = None
         if position_ids is None:
             if attention_mask is not None and attention_mask.ndim == 2:
-                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+                position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -inputs_embeds.shape[1]:]
             else:
                 position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)[None]
         return run_decoder(self.config, self.layers, self.norm, self.rotary_emb, inputs_embeds, attention_mask,
-                           position_ids, inputs_embeds.dtype, output_hidden_states, return_dict)
+                           position_ids, inputs_embeds.dtype, output_hidden_states, return_dict, prompt_cache)
 
 
 class DreamModel(MaskedLMForward, DreamPreTrainedModel):

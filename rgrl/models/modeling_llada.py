@@ -17,6 +17,7 @@ from rgrl.models.configuration_llada import LLADA_ACTIVATIONS, LLaDAConfig
 from rgrl.models.layers import (
     MaskedDiffusionPreTrainedModel,
     MaskedLMForward,
+    PromptCache,
     RMSNorm,
     RotaryEmbedding,
     bidirectional_attention,
@@ -52,10 +53,11 @@ class LLaDALlamaBlock(GradientCheckpointingLayer):
         self.act = ACT2FN[LLADA_ACTIVATIONS[config.activation_type]]
         self.dropout = nn.Dropout(config.residual_dropout)
 
-    def forward(self, hidden_states: torch.Tensor, attention_mask=None, position_embeddings=None) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, attention_mask=None, position_embeddings=None,
+                prompt_cache=None) -> torch.Tensor:
         x = self.attn_norm(hidden_states)
         attended = bidirectional_attention(
-            self, self.q_proj(x), self.k_proj(x), self.v_proj(x), position_embeddings, attention_mask
+            self, self.q_proj(x), self.k_proj(x), self.v_proj(x), position_embeddings, attention_mask, prompt_cache
         )
         hidden_states = hidden_states + self.dropout(self.attn_out(attended))
         mlp_out = gated_mlp(self.ff_norm(hidden_states), self.ff_proj, self.up_proj, self.ff_out, self.act)
@@ -107,20 +109,22 @@ class LLaDAModel(LLaDAPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        prompt_cache: PromptCache | None = None,
         **kwargs,
     ) -> BaseModelOutput | tuple:
         """input_ids [B, L] or inputs_embeds [B, L, d_model] -> last_hidden_state [B, L, d_model] (after ln_f).
 
         attention_mask: None or a 2-D [B, L] padding mask (1 = token, 0 = pad; pads are hidden as keys).
-        position_ids: default 0..L-1.
+        position_ids: default 0..L-1 (with a `prompt_cache` that is not filling: the last L of the mask's width).
         """
         inputs_embeds = embed_inputs(self.transformer.wte, input_ids, inputs_embeds, kwargs)
         if position_ids is None:
-            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device)[None]
+            width = inputs_embeds.shape[1] if attention_mask is None else attention_mask.shape[-1]
+            position_ids = torch.arange(width - inputs_embeds.shape[1], width, device=inputs_embeds.device)[None]
         rope_dtype = torch.float32 if self.config.rope_full_precision else inputs_embeds.dtype
         return run_decoder(self.config, self.transformer.blocks, self.transformer.ln_f, self.rotary_emb,
                            self.embedding_dropout(inputs_embeds), attention_mask, position_ids, rope_dtype,
-                           output_hidden_states, return_dict)
+                           output_hidden_states, return_dict, prompt_cache)
 
 
 class LLaDAModelLM(MaskedLMForward, LLaDAPreTrainedModel):

@@ -19,6 +19,7 @@ import torch
 from rgrl.distributions import nucleus, sample_tokens, uniforms
 from rgrl.guidance import GuidanceStats, RewardGuidance
 from rgrl.models.family import DiffusionFamily
+from rgrl.models.layers import PromptCache
 from rgrl.sampling.confidence import CONFIDENCE_RULES, confidence
 from rgrl.sampling.schedules import SCHEDULES, reveal_plan
 
@@ -43,6 +44,12 @@ class SamplerConfig:
     confidence_from: Literal["guided", "unguided"] = "guided"
     eps: float = 1e-3  # Dream schedule's final timestep
     max_prompt_length: int | None = None  # longer prompts keep their last tokens
+    # Cache mode (beyond the paper; both off by default). prompt_cache_refresh r >= 1: the prompt's keys/values are
+    # computed by a full forward every r steps and at each block start, and reused in between (approximate).
+    prompt_cache_refresh: int = 0
+    # Also reveal, at each step, every slot whose drawn token has at least this probability (and skip the steps
+    # left with nothing masked); None: reveal exactly as the schedule says.
+    reveal_threshold: float | None = None
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -55,6 +62,10 @@ class SamplerConfig:
             raise ValueError("steps and completion_length must be >= 1.")
         if self.temperature < 0 or self.alg_temp < 0:
             raise ValueError("temperature and alg_temp must be >= 0.")
+        if self.prompt_cache_refresh < 0:
+            raise ValueError(f"prompt_cache_refresh must be >= 0 (0: off), got {self.prompt_cache_refresh}.")
+        if self.reveal_threshold is not None and not 0 < self.reveal_threshold <= 1:
+            raise ValueError(f"reveal_threshold must be in (0, 1] or None, got {self.reveal_threshold}.")
         reveal_plan(self.schedule, self.completion_length, self.steps, self.block_length, self.eps)  # validates
 
 
@@ -160,9 +171,17 @@ class DiffusionSampler:
 
         was_training = self.model.training
         self.model.eval()  # no dropout (LoRA included) in rollouts
+        cache = None
+        if config.prompt_cache_refresh:
+            cache = PromptCache(length=family.cacheable_prompt_length(prompt_length))
         try:
-            for step in self.plan:
-                self.denoise_step(canvas, attention_mask, step, guide, stats, generator)
+            for index, step in enumerate(self.plan):
+                if not (canvas[:, prompt_length:] == family.mask_token_id).any():
+                    break  # everything revealed early (reveal_threshold)
+                if cache is not None:
+                    new_block = index > 0 and step.block_start != self.plan[index - 1].block_start
+                    cache.filling = index % config.prompt_cache_refresh == 0 or new_block
+                self.denoise_step(canvas, attention_mask, step, guide, stats, generator, cache)
                 if history is not None:
                     history.append(canvas[:, prompt_length:].cpu().clone())
         finally:
@@ -183,14 +202,14 @@ class DiffusionSampler:
 
     @torch.no_grad()
     def denoise_step(self, canvas: torch.Tensor, attention_mask: torch.Tensor, step, guide,
-                     stats: GenerationStats, generator: torch.Generator) -> None:
-        """One denoising step on canvas [B, P + L] (the L completion slots last), in place: a dLLM forward, the
-        guidance hook `guide` (from `RewardGuidance.bind`, or None), then sampling and revealing per `step` (a
-        `RevealStep` of the plan)."""
+                     stats: GenerationStats, generator: torch.Generator, prompt_cache: PromptCache | None = None):
+        """One denoising step on canvas [B, P + L] (the L completion slots last), in place: a dLLM forward (with the
+        cache mode's `prompt_cache`, filling or reused), the guidance hook `guide` (from `RewardGuidance.bind`, or
+        None), then sampling and revealing per `step` (a `RevealStep` of the plan)."""
         config = self.config
         slots = canvas[:, -config.completion_length:]
         masked = slots == self.family.mask_token_id
-        logits = self._masked_logits(canvas, attention_mask, masked)  # [N, V]
+        logits = self._masked_logits(canvas, attention_mask, masked, prompt_cache)  # [N, V]
         stats.dllm_forwards += 1
         guided = logits
         if guide is not None:
@@ -206,10 +225,11 @@ class DiffusionSampler:
         rows = [ids[keep].tolist() for ids, keep in zip(completion_ids, before_stop)]
         return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
 
-    def _masked_logits(self, canvas: torch.Tensor, attention_mask: torch.Tensor, masked: torch.Tensor):
+    def _masked_logits(self, canvas: torch.Tensor, attention_mask: torch.Tensor, masked: torch.Tensor,
+                       prompt_cache: PromptCache | None = None):
         """Aligned fp32 logits [N, V] of the N masked completion slots (row order of `masked` [B, L]), impossible
         tokens at -inf. Only those slots go through the LM head."""
-        logits = self.family.slot_logits(self.model, canvas, attention_mask, masked).float()
+        logits = self.family.slot_logits(self.model, canvas, attention_mask, masked, prompt_cache).float()
         logits[:, self.family.mask_token_id] = -math.inf  # never "reveal" a mask
         if self.family.num_tokens < logits.shape[-1]:
             logits[:, self.family.num_tokens:] = -math.inf  # embedding rows that are no token
@@ -239,8 +259,14 @@ class DiffusionSampler:
         ranking[masked] = scores
         ranking[:, : step.block_start] = -math.inf
         ranking[:, step.block_end:] = -math.inf
+        revealable = ranking > -math.inf  # masked and inside the current block
+        chosen = torch.zeros_like(revealable)
+        if step.count > 0:  # rows with fewer slots left (reveal_threshold took some) just reveal them all
+            chosen.scatter_(1, ranking.topk(step.count, dim=-1).indices, True)
+        if config.reveal_threshold is not None:
+            sure = torch.zeros_like(revealable)
+            sure[masked] = candidates.probs_of(ids) >= config.reveal_threshold
+            chosen |= sure
         proposal = torch.full_like(slots, self.family.mask_token_id)
         proposal[masked] = ids
-        if step.count > 0:
-            chosen = ranking.topk(step.count, dim=-1).indices  # [B, count]
-            slots.scatter_(1, chosen, proposal.gather(1, chosen))
+        slots.copy_(torch.where(chosen & revealable, proposal, slots))
