@@ -33,8 +33,8 @@ class Candidates:
 
 
 def scale_logits(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """logits / τ; τ = 0 means greedy and leaves the logits unscaled (never a division by zero)."""
-    return logits / temperature if temperature > 0 else logits
+    """logits / τ; τ = 0 means greedy and leaves the logits unscaled (never a division by zero), as does τ = 1."""
+    return logits / temperature if temperature not in (0, 1) else logits
 
 
 def nucleus(
@@ -119,5 +119,5 @@ def normalized_entropy(logits: torch.Tensor) -> torch.Tensor:
 
     Tokens with -inf logits (the mask token, vocabulary padding rows) are not possible and do not count.
     """
-    support = torch.isfinite(logits).sum(dim=-1).clamp(min=2)
+    support = (logits > -math.inf).sum(dim=-1).clamp(min=2)
     return entropy(logits) / support.float().log()

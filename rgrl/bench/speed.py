@@ -403,6 +403,9 @@ def peak_memory_added(run, device: torch.device) -> int:
     return max(_resident("VmHWM") - before, 0)
 
 
+_GATHERS = ("index", "embedding", "gather", "index_select")
+
+
 class _TrafficCounter(TorchDispatchMode):
     """Sums the bytes of every tensor each operation reads or writes (views and allocations move no data)."""
 
@@ -412,10 +415,13 @@ class _TrafficCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        if not func.is_view and "empty" not in func.__name__:
-            for value in tree_flatten((args, kwargs, out))[0]:
-                if isinstance(value, torch.Tensor):
-                    self.bytes += value.numel() * value.element_size()
+        name = func.__name__
+        if func.is_view or "empty" in name:
+            return out
+        tensors = [value for value in tree_flatten((args, kwargs, out))[0] if isinstance(value, torch.Tensor)]
+        if name.split(".")[0] in _GATHERS:  # reads only the gathered rows of its source: count the rest and twice the out
+            tensors = tensors[1:] + [out]
+        self.bytes += sum(t.numel() * t.element_size() for t in tensors)
         return out
 
 

@@ -67,13 +67,13 @@ def soft_embedding_grad(
 ) -> torch.Tensor:
     """The gradient through s = softmax(φ/τ) @ Ê: dL/dφ [N, V] from φ [N, V] and dL/ds [N, d].
 
-    With q = softmax(φ/τ) and G = dL/ds @ Êᵀ [N, V]: dL/dφ = q ⊙ (G − ⟨q, G⟩) / τ (τ = 0 counts as 1). Recomputing q
-    here instead of keeping autograd's copy is what lets guidance work on φ a chunk of rows at a time.
+    With q = softmax(φ/τ) and G = (dL/ds / τ) @ Êᵀ [N, V]: dL/dφ = q ⊙ (G − ⟨q, G⟩) (τ = 0 counts as 1). Recomputing
+    q here instead of keeping autograd's copy is what lets guidance work on φ a chunk of rows at a time.
     """
     probs = scale_logits(logits, temperature).softmax(dim=-1)
-    pull = (grad_embeds.to(embedding_matrix.dtype) @ embedding_matrix.T).float()
-    grad = probs * (pull - (probs * pull).sum(dim=-1, keepdim=True))
-    return grad / temperature if temperature > 0 else grad
+    scaled_grad = grad_embeds / temperature if temperature > 0 else grad_embeds
+    grad = (scaled_grad.to(embedding_matrix.dtype) @ embedding_matrix.T).float()
+    return grad.sub_(torch.linalg.vecdot(probs, grad).unsqueeze(-1)).mul_(probs)
 
 
 def mixed_embeddings(
@@ -95,8 +95,9 @@ def mixed_embeddings(
     Returns:
         e [N, d] in Ê's dtype. Its gradient w.r.t. φ is the soft path's: `soft_embedding_grad`.
     """
-    soft = soft_embeddings(logits, embedding_matrix, temperature)
-    hard = embedding_matrix[sample_tokens(logits, temperature, top_p, top_k, uniform)[0]]
+    scaled = scale_logits(logits, temperature)  # shared by the soft embedding and the draw (τ = 1 on scaled logits)
+    soft = scaled.softmax(dim=-1).to(embedding_matrix.dtype) @ embedding_matrix
+    hard = embedding_matrix[sample_tokens(scaled, 1.0, top_p, top_k, uniform)[0]]
     return soft + weight.to(soft.dtype).unsqueeze(-1) * (hard - soft)
 
 
@@ -275,7 +276,7 @@ class FreshAdam:
         for rows, gradient in gradients:
             param = self.param[rows]
             if self.count == 1:
-                param.sub_(self.lr * gradient / (gradient.abs() + self.eps))
+                param.addcdiv_(gradient, gradient.abs().add_(self.eps), value=-self.lr)
                 if self.exp_avg is not None:
                     self.exp_avg[rows] = (1 - beta1) * gradient
                     self.exp_avg_sq[rows] = (1 - beta2) * gradient.square()
