@@ -1,6 +1,7 @@
 """Guidance math (DESIGN.md §3) checked against direct autograd computations, with a linear stand-in reward."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -103,29 +104,44 @@ def test_fresh_adam_matches_torch_adam(steps):
         assert torch.allclose(ours, start - 0.5 * gradients[0] / (gradients[0].abs() + 1e-8), atol=1e-6)
 
 
+END_OF_TURN = 0  # the stand-in reward model's end-of-turn row
+STOP = 10  # the dLLM stop token of these tests
+
+
 class LinearReward:
-    """Stand-in reward model: r_b = Σ_{kept slots} <embedding, u>; input embeddings are the identity-ish matrix."""
+    """Stand-in reward model: r_b = Σ_{kept slots} <embedding, u> + <end of turn, u>, where the end of turn is the
+    first stop slot's embedding when the row has one (else the template's own, row END_OF_TURN)."""
 
     def __init__(self, u: torch.Tensor, weight: torch.Tensor):
         self.u, self.input_embeddings = u, torch.nn.Embedding.from_pretrained(weight)
+        self.template = SimpleNamespace(end_of_turn_id=END_OF_TURN)
         self.calls = 0
 
     def embedding_scorer(self, prompts, num_slots):
-        def score(embeds, keep):
-            self.calls += 1
-            return ((embeds @ self.u) * keep).sum(-1)
+        return LinearScorer(self, len(prompts), num_slots)
 
-        return score
+
+class LinearScorer:
+    def __init__(self, reward, rows, num_slots):
+        self.reward, self.num_slots, self.input_shape = reward, num_slots, (rows, num_slots + 1)
+
+    def __call__(self, embeds, keep, stop_slot):
+        self.reward.calls += 1
+        rows = torch.arange(len(embeds))
+        has_stop = stop_slot < self.num_slots
+        end = torch.where(has_stop.unsqueeze(-1), embeds[rows, stop_slot.clamp(max=self.num_slots - 1)],
+                          self.reward.input_embeddings.weight[END_OF_TURN])
+        return ((embeds @ self.reward.u) * keep).sum(-1) + end @ self.reward.u
 
 
 class IdentityBridge:
     def embedding_matrix(self, embeddings):
-        return embeddings.weight
+        return embeddings.weight.clone()
 
 
 def _guidance(method, steps, lr, u, matrix, measure_gain=False):
     config = GuidanceConfig(method=method, steps=steps, lr=lr, measure_gain=measure_gain)
-    return RewardGuidance(config, LinearReward(u, matrix), IdentityBridge())
+    return RewardGuidance(config, LinearReward(u, matrix), IdentityBridge(), stop_token_ids=(STOP,))
 
 
 def _expected_guided_expectation(logits_masked, matrix, u, steps, lr, temperature):
@@ -146,6 +162,7 @@ def test_guidance_step_equals_naive_adam_on_masked_logits(steps, lr):
     B, L = 2, 4
     matrix, u = torch.randn(V, D), torch.randn(D)
     logits = torch.randn(B, L, V)
+    logits[..., STOP] = -math.inf  # no stop token anywhere, as in the sampler when a slot cannot stop
     tokens = torch.randint(0, 8, (B, L))
     masked = torch.tensor([[True, False, True, True], [False, True, True, False]])
     tokens[masked] = 9  # the mask id; no stop token among the revealed ones
@@ -153,8 +170,8 @@ def test_guidance_step_equals_naive_adam_on_masked_logits(steps, lr):
     scorer = guidance.scorer(["p", "q"], L)
     stats = GuidanceStats()
     # no stop token anywhere, so every slot counts and the naive objective is the same
-    guided = guidance(logits, tokens, masked, scorer, stop_token_ids=(100,), temperature=0.7, top_p=None,
-                      top_k=None, generator=torch.Generator().manual_seed(0), stats=stats)
+    guided = guidance(logits, tokens, masked, scorer, temperature=0.7, top_p=None, top_k=None,
+                      generator=torch.Generator().manual_seed(0), stats=stats)
     expected = _expected_guided_expectation(logits[masked], matrix, u, steps, lr, 0.7)
     assert torch.allclose(guided[masked], expected, atol=1e-5)
     assert torch.equal(guided[~masked], logits[~masked])  # revealed slots untouched
@@ -166,11 +183,12 @@ def test_guidance_uses_a_fresh_optimiser_every_denoising_step():
     torch.manual_seed(0)
     matrix, u = torch.randn(V, D), torch.randn(D)
     logits = torch.randn(1, 3, V)
+    logits[..., STOP] = -math.inf
     tokens = torch.full((1, 3), 9)
     masked = torch.ones(1, 3, dtype=torch.bool)
     guidance = _guidance("expectation", 1, 0.5, u, matrix)
     scorer = guidance.scorer(["p"], 3)
-    kwargs = dict(stop_token_ids=(100,), temperature=1.0, top_p=None, top_k=None)
+    kwargs = dict(temperature=1.0, top_p=None, top_k=None)
     first = guidance(logits, tokens, masked, scorer, **kwargs)
     second = guidance(first, tokens, masked, scorer, **kwargs)
     # each call's single step is the closed form η·g/(|g|+ε) of that call's gradient: no momentum carried over
@@ -189,31 +207,63 @@ def test_guidance_raises_the_reward_of_the_relaxed_proposals():
     for method in ("entrgi", "aps", "expectation"):
         guidance = _guidance(method, 3, 0.5, u, matrix, measure_gain=True)
         stats = GuidanceStats()
-        guidance(logits, tokens, masked, guidance.scorer(["a", "b", "c"], 6), (10,), 0.7, 0.95, None,
+        guidance(logits, tokens, masked, guidance.scorer(["a", "b", "c"], 6), 0.7, 0.95, None,
                  torch.Generator().manual_seed(0), stats)
         metrics = stats.as_metrics()
         assert metrics["reward_gain"] > 0, method
         assert stats.rm_forward == 1 and stats.rm_forward_backward == 3
 
 
-def test_slots_after_the_first_stop_token_do_not_reach_the_reward():
-    ids = torch.tensor([[1, 2, 10, 3, 10], [10, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
-    keep = RewardGuidance.keep_before_stop(ids, (10,))
+def test_the_first_stop_slot_is_read_as_the_end_of_turn_and_later_slots_are_not():
+    matrix, u = torch.randn(V, D), torch.randn(D)
+    guidance = _guidance("expectation", 1, 0.5, u, matrix)
+    ids = torch.tensor([[1, 2, STOP, 3, STOP], [STOP, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    keep, stop_slot = guidance.first_stop(ids)
     assert keep.tolist() == [
         [True, True, False, False, False],
         [False, False, False, False, False],
         [True, True, True, True, True],
     ]
-    # a masked slot whose argmax is a stop token cuts the response there, and gets no gradient after it
-    matrix, u = torch.randn(V, D), torch.randn(D)
+    assert stop_slot.tolist() == [2, 0, 5]
+    # In Ê every stop token is the reward model's end of turn, so a one-hot φ reads as the discrete path does.
+    assert torch.equal(guidance.embedding_matrix[STOP], matrix[END_OF_TURN])
+    assert torch.equal(guidance.embedding_matrix[:STOP], matrix[:STOP])
+
+    # A masked slot whose argmax is the stop token ends the response there: it is read as the end of turn and its
+    # logits get the reward gradient (guidance can move the end); the slots after it get none.
     logits = torch.randn(1, 4, V)
-    logits[0, 1, 10] = 50.0  # slot 1 predicts the stop token
+    logits[0, 1, STOP] = 5.0  # slot 1 predicts the stop token
+    logits[0, 2:, STOP] = -math.inf
     tokens = torch.full((1, 4), 9)
     masked = torch.ones(1, 4, dtype=torch.bool)
-    guidance = _guidance("expectation", 1, 0.5, u, matrix)
-    guided = guidance(logits, tokens, masked, guidance.scorer(["p"], 4), (10,), 1.0, None, None)
+    guided = guidance(logits, tokens, masked, guidance.scorer(["p"], 4), 1.0, None, None)
     assert not torch.equal(guided[0, 0], logits[0, 0])
-    assert torch.equal(guided[0, 1:], logits[0, 1:])  # from the stop on: no gradient, no change
+    assert (guided[0, 1] - logits[0, 1]).abs().max() > 0.4  # a closed-form Adam step: |Δ| = η where g ≠ 0
+    assert torch.equal(guided[0, 2:], logits[0, 2:])
+    # The direct computation: the gradient at the stop slot is that of <softmax(φ) @ Ê, u> with Ê's stop row.
+    phi = logits[0, 1].clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(-(phi.softmax(-1) @ guidance.embedding_matrix @ u), phi)
+    torch.testing.assert_close(guided[0, 1], logits[0, 1] - 0.5 * g / (g.abs() + 1e-8), atol=1e-5, rtol=0)
+
+
+def test_zero_temperature_guidance_is_greedy_and_finite():
+    """τ = 0 means greedy in the sampler; guidance then relaxes softmax(φ) (unscaled) instead of dividing by 0."""
+    torch.manual_seed(2)
+    matrix, u = torch.randn(V, D), torch.randn(D)
+    logits = torch.randn(2, 3, V)
+    logits[..., STOP] = -math.inf
+    tokens = torch.full((2, 3), 9)
+    masked = torch.ones(2, 3, dtype=torch.bool)
+    for method in ("entrgi", "aps", "expectation"):
+        guidance = _guidance(method, 2, 0.5, u, matrix)
+        greedy = guidance(logits, tokens, masked, guidance.scorer(["a", "b"], 3), 0.0, 0.95, None,
+                          torch.Generator().manual_seed(0))
+        assert torch.isfinite(greedy[..., :STOP]).all(), method
+    weight = torch.full((4,), 0.3)
+    phi = torch.randn(4, V)
+    mixed = mixed_embeddings(phi, matrix, weight, 0.0, None, None)
+    expected = 0.7 * (phi.softmax(-1) @ matrix) + 0.3 * matrix[phi.argmax(-1)]
+    torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=0)
 
 
 def test_guidance_config_validation():
@@ -224,4 +274,5 @@ def test_guidance_config_validation():
     with pytest.raises(ValueError, match="lr"):
         GuidanceConfig(lr=0.0)
     with pytest.raises(ValueError, match="unguided"):
-        RewardGuidance(GuidanceConfig(method="none"), LinearReward(torch.zeros(D), torch.zeros(V, D)), IdentityBridge())
+        RewardGuidance(GuidanceConfig(method="none"), LinearReward(torch.zeros(D), torch.zeros(V, D)), IdentityBridge(),
+                       stop_token_ids=(STOP,))

@@ -32,7 +32,9 @@ class GuidanceConfig:
     method: Literal["entrgi", "aps", "expectation", "none"] = "entrgi"
     steps: int = 3  # M: Adam steps on φ per denoising step
     lr: float = 0.5  # η
-    measure_gain: bool = True  # one extra RM forward per step to log the reward of the updated proposals
+    # Log the reward of the updated proposals (guidance/reward_after, reward_gain): one extra RM forward per denoising
+    # step, about a third of guidance's RM compute at M = 1 (a frozen RM's backward costs about one forward).
+    measure_gain: bool = False
 
     def __post_init__(self):
         if self.method not in GUIDANCE_METHODS:
@@ -69,10 +71,13 @@ def mixed_embeddings(
         logits: φ [N, V] (requires grad).
         embedding_matrix: Ê [V, d], frozen.
         weight: w [N] in [0, 1].
+        temperature: τ; 0 means greedy, as in the sampler: the soft part is softmax(φ) (unscaled) and the hard
+            sample is the argmax.
     Returns:
         e [N, d] in Ê's dtype; its gradient w.r.t. φ is the soft path's.
     """
-    soft = (logits / temperature).softmax(dim=-1).to(embedding_matrix.dtype) @ embedding_matrix
+    scaled = logits / temperature if temperature > 0 else logits
+    soft = scaled.softmax(dim=-1).to(embedding_matrix.dtype) @ embedding_matrix
     with torch.no_grad():
         hard_ids, _ = sample_tokens(logits.detach(), temperature, top_p, top_k, generator)
         hard = embedding_matrix[hard_ids]
@@ -90,6 +95,9 @@ class GuidanceStats:
     reward_after_sum: float = 0.0  # ... and after them (only when measure_gain)
     rm_forward_backward: int = 0
     rm_forward: int = 0
+    rm_input_shape: tuple[int, int] = (0, 0)  # [rows, columns] of every RM pass of this generation
+    relaxed_positions: int = 0  # Σ over RM forward+backward passes of the masked positions N (rows of φ)
+    relaxed_positions_forward: int = 0  # ... over the measure_gain forwards
     seconds: float = 0.0
     history: list[dict] = field(default_factory=list, repr=False)
 
@@ -115,14 +123,27 @@ class RewardGuidance:
         config: the estimator and its optimiser settings.
         reward_model: a `rgrl.rewards.RewardModel` (frozen, differentiable embedding path).
         bridge: a `rgrl.rewards.VocabBridge` from the dLLM vocabulary to the reward model's.
+        stop_token_ids: the dLLM tokens that end a response (EOS, end of turn). The reward model reads a response up
+            to and including its first stop slot, which stands where its chat template writes the end of turn: in Ê
+            every stop token is the RM's end-of-turn embedding, so a one-hot φ scores exactly as the discrete path
+            (whose text ends before the stop token and gets the template's end of turn), and the stop slot's logits
+            receive reward gradient -- guidance can move where a response ends.
     """
 
-    def __init__(self, config: GuidanceConfig, reward_model, bridge):
+    def __init__(self, config: GuidanceConfig, reward_model, bridge, stop_token_ids: tuple[int, ...]):
         if config.method == "none":
             raise ValueError("RewardGuidance needs a guidance method; 'none' means unguided sampling.")
+        if not stop_token_ids:
+            raise ValueError("RewardGuidance needs the dLLM's stop token ids (EOS and end of turn).")
         self.config = config
         self.reward_model = reward_model
-        self.embedding_matrix = bridge.embedding_matrix(reward_model.input_embeddings)  # Ê [V, d]
+        self.stop_token_ids = tuple(stop_token_ids)
+        embedding_matrix = bridge.embedding_matrix(reward_model.input_embeddings)  # Ê [V, d]
+        with torch.no_grad():
+            end_of_turn = torch.tensor([reward_model.template.end_of_turn_id], device=embedding_matrix.device)
+            embedding_matrix[list(self.stop_token_ids)] = reward_model.input_embeddings(end_of_turn).to(
+                embedding_matrix.dtype)
+        self.embedding_matrix = embedding_matrix
 
     def scorer(self, prompts: list, num_slots: int):
         """Reward of response embeddings for these prompts (one per row); build once per generation."""
@@ -133,11 +154,12 @@ class RewardGuidance:
         revealed = self.embedding_matrix[tokens.clamp(max=self.embedding_matrix.shape[0] - 1)]
         return revealed.masked_scatter(masked.unsqueeze(-1), masked_embeds)
 
-    @staticmethod
-    def keep_before_stop(ids: torch.Tensor, stop_token_ids: tuple[int, ...]) -> torch.Tensor:
-        """[B, L] ids -> [B, L] bool: slots strictly before the first stop token (the RM template ends the turn)."""
-        is_stop = torch.isin(ids, torch.tensor(stop_token_ids, device=ids.device))
-        return is_stop.long().cumsum(dim=-1) == 0
+    def first_stop(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, L] ids -> (keep [B, L] bool: slots strictly before the first stop token; stop_slot [B] long: the
+        first stop token's slot, L when there is none)."""
+        is_stop = torch.isin(ids, torch.tensor(self.stop_token_ids, device=ids.device))
+        keep = is_stop.long().cumsum(dim=-1) == 0
+        return keep, keep.sum(dim=-1)
 
     def __call__(
         self,
@@ -145,7 +167,6 @@ class RewardGuidance:
         tokens: torch.Tensor,
         masked: torch.Tensor,
         scorer,
-        stop_token_ids: tuple[int, ...],
         temperature: float,
         top_p: float | None,
         top_k: int | None,
@@ -159,6 +180,7 @@ class RewardGuidance:
             tokens: [B, L] current canvas of the completion slots (mask id where masked).
             masked: [B, L] bool, the slots still masked.
             scorer: from `self.scorer(prompts, L)`.
+            temperature: τ (0: greedy, unscaled logits).
         Returns:
             [B, L, V] logits with the masked slots replaced by the optimised φ (no grad).
         """
@@ -175,8 +197,8 @@ class RewardGuidance:
             weight = entropy_weight(config.method, phi_now)
             embeds = mixed_embeddings(phi_now, self.embedding_matrix, weight, temperature, top_p, top_k, generator)
             ids = tokens.masked_scatter(masked, phi_now.detach().argmax(dim=-1))
-            keep = self.keep_before_stop(ids, stop_token_ids)
-            return scorer(self.response_embeddings(tokens, masked, embeds), keep), weight
+            keep, stop_slot = self.first_stop(ids)
+            return scorer(self.response_embeddings(tokens, masked, embeds), keep, stop_slot), weight
 
         with torch.enable_grad():
             for step in range(config.steps):
@@ -189,10 +211,13 @@ class RewardGuidance:
         if stats is not None:
             stats.steps += 1
             stats.rm_forward_backward += config.steps
+            stats.rm_input_shape = scorer.input_shape
+            stats.relaxed_positions += config.steps * phi.shape[0]
             if config.measure_gain:
                 with torch.no_grad():
                     stats.reward_after_sum += reward(phi)[0].mean().item()
                 stats.rm_forward += 1
+                stats.relaxed_positions_forward += phi.shape[0]
             stats.seconds += time.perf_counter() - start
         guided = logits.clone()
         guided[masked.to(logits.device)] = phi.detach().to(logits.device, logits.dtype)

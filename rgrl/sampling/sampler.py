@@ -19,11 +19,15 @@ import torch
 from rgrl.distributions import sample_tokens, tempered_probs
 from rgrl.guidance import GuidanceStats, RewardGuidance
 from rgrl.models.family import DiffusionFamily
+from rgrl.models.flops import TransformerShape, soft_embedding_flops
 from rgrl.sampling.confidence import CONFIDENCE_RULES, confidence
 from rgrl.sampling.schedules import SCHEDULES, reveal_plan
 
 # Ranks a deprioritised (stop-token) slot below every other slot but above slots that cannot be revealed.
 _DEPRIORITIZED = -1e9
+# Which drawn tokens `deprioritize_eos` holds back: the tokenizer's EOS only (Dream's pad-like <|endoftext|>, as the
+# paper's reference sampler), or also the chat template's end of turn (<|im_end|>, <|eot_id|>).
+DEPRIORITIZED_TOKEN_SETS = ("eos", "eos_and_end_of_turn")
 
 
 @dataclass
@@ -39,7 +43,8 @@ class SamplerConfig:
     temperature: float = 0.7  # τ
     top_p: float | None = 0.95
     top_k: int | None = None
-    deprioritize_eos: bool = True  # slots whose drawn token ends the completion are revealed last
+    deprioritize_eos: bool = True  # slots whose drawn token is in `deprioritized_tokens` are revealed last
+    deprioritized_tokens: Literal["eos", "eos_and_end_of_turn"] = "eos"  # "eos": the tokenizer's EOS only
     confidence_from: Literal["guided", "unguided"] = "guided"
     eps: float = 1e-3  # Dream schedule's final timestep
     max_prompt_length: int | None = None  # longer prompts keep their last tokens
@@ -49,6 +54,9 @@ class SamplerConfig:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}.")
         if self.alg not in CONFIDENCE_RULES:
             raise ValueError(f"alg must be one of {CONFIDENCE_RULES}, got {self.alg!r}.")
+        if self.deprioritized_tokens not in DEPRIORITIZED_TOKEN_SETS:
+            raise ValueError(f"deprioritized_tokens must be one of {DEPRIORITIZED_TOKEN_SETS}, got "
+                             f"{self.deprioritized_tokens!r}.")
         if self.confidence_from not in ("guided", "unguided"):
             raise ValueError(f"confidence_from must be 'guided' or 'unguided', got {self.confidence_from!r}.")
         if self.steps < 1 or self.completion_length < 1:
@@ -63,6 +71,7 @@ class GenerationStats:
     """What one generation cost and what guidance did."""
 
     rows: int = 0
+    canvas_width: int = 0  # P + L, the width of every dLLM forward
     dllm_forwards: int = 0  # batched forward passes (each row got this many)
     seconds: float = 0.0
     guidance: GuidanceStats = field(default_factory=GuidanceStats)
@@ -148,8 +157,9 @@ class DiffusionSampler:
         generator = torch.Generator(device=device).manual_seed(seed)
         canvas = torch.cat([prompt_ids, prompt_ids.new_full((batch, length), family.mask_token_id)], dim=1)
         attention_mask = torch.cat([prompt_mask.bool(), prompt_mask.new_ones((batch, length), dtype=torch.bool)], 1)
-        stop_ids = torch.tensor(family.stop_token_ids, device=device)
-        stats = GenerationStats(rows=batch)
+        held_back = (family.eos_token_id,) if config.deprioritized_tokens == "eos" else family.stop_token_ids
+        held_back_ids = torch.tensor(held_back, device=device)
+        stats = GenerationStats(rows=batch, canvas_width=canvas.shape[1])
         history = [] if record_history else None
         scorer = self.guidance.scorer(prompts, length) if self.guidance is not None else None
         guidance_generator = None
@@ -167,10 +177,10 @@ class DiffusionSampler:
                 guided = logits
                 if self.guidance is not None:
                     guided = self.guidance(
-                        logits, slots, masked, scorer, family.stop_token_ids, config.temperature, config.top_p,
-                        config.top_k, generator=guidance_generator or generator, stats=stats.guidance,
+                        logits, slots, masked, scorer, config.temperature, config.top_p, config.top_k,
+                        generator=guidance_generator or generator, stats=stats.guidance,
                     )
-                self._reveal(slots, masked, guided, logits, step, stop_ids, generator)
+                self._reveal(slots, masked, guided, logits, step, held_back_ids, generator)
                 if history is not None:
                     history.append(slots.cpu().clone())
         finally:
@@ -189,6 +199,29 @@ class DiffusionSampler:
             history=history,
         )
 
+    def generation_flops(self, stats: GenerationStats) -> dict[str, int]:
+        """FLOPs one generation spent (`rgrl.models.flops` counts, from the models' shapes and the widths run):
+        "dllm" for the T dLLM forwards, "guidance" for the reward model's forward+backward passes (and the
+        measure_gain forwards) with the soft-embedding products that feed them."""
+        dllm = TransformerShape.from_config(self.model.config)
+        head_positions = self.config.completion_length + (1 if self.family.shifted_logits else 0)
+        flops = {"dllm": stats.dllm_forwards * dllm.forward_flops(stats.rows, stats.canvas_width, head_positions)}
+        guidance = stats.guidance
+        if self.guidance is None or not guidance.steps:
+            flops["guidance"] = 0
+            return flops
+        rm = TransformerShape.from_config(self.guidance.reward_model.model.config, head_rows=1)
+        rows, columns = guidance.rm_input_shape
+        vocab_rows, embedding_dim = self.guidance.embedding_matrix.shape
+        forward = rm.forward_flops(rows, columns)
+        flops["guidance"] = (
+            guidance.rm_forward_backward * (forward + rm.input_backward_flops(rows, columns))
+            + guidance.rm_forward * forward
+            + soft_embedding_flops(guidance.relaxed_positions, vocab_rows, embedding_dim, backward=True)
+            + soft_embedding_flops(guidance.relaxed_positions_forward, vocab_rows, embedding_dim, backward=False)
+        )
+        return flops
+
     def decode(self, completion_ids: torch.Tensor) -> list[str]:
         """Completion texts, cut before the first stop token, special tokens skipped."""
         before_stop = completion_mask(completion_ids, self.family.stop_token_ids) & ~torch.isin(
@@ -204,7 +237,7 @@ class DiffusionSampler:
             logits[..., self.family.num_tokens:] = -math.inf  # embedding rows that are no token
         return logits
 
-    def _reveal(self, slots, masked, guided, unguided, step, stop_ids, generator) -> None:
+    def _reveal(self, slots, masked, guided, unguided, step, held_back_ids, generator) -> None:
         """Sample tokens at the masked slots and write the `step.count` most confident into `slots` (in place)."""
         config = self.config
         if not masked.any():
@@ -219,7 +252,7 @@ class DiffusionSampler:
             uniform = torch.rand(scores.shape, generator=generator, device=scores.device, dtype=scores.dtype)
             scores = scores / config.alg_temp - torch.log(-torch.log(uniform.clamp_min(1e-20)))
         if config.deprioritize_eos:
-            scores = torch.where(torch.isin(ids, stop_ids), scores + _DEPRIORITIZED, scores)
+            scores = torch.where(torch.isin(ids, held_back_ids), scores + _DEPRIORITIZED, scores)
 
         ranking = torch.full(slots.shape, -math.inf, dtype=scores.dtype, device=slots.device)
         ranking[masked] = scores
