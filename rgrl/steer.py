@@ -6,8 +6,13 @@ completion is scored by the reward model's discrete path. Outputs in `output_dir
 
     <method>_seed<s>.jsonl   one line per prompt: prompt, K completions, their rewards, the best one
     summary.md / .csv        Top@1 and Avg@N (mean ± SEM over seeds) and the compute each method used
-                             (dLLM forwards and RM forward+backward passes per sample, seconds per prompt),
-                             plus a Best-of-N row at the compute (wall time) of the costliest guided method
+                             (dLLM forwards and RM forward+backward passes per sample, FLOPs and seconds per
+                             prompt), plus a Best-of-N row at the compute of the costliest guided method
+
+Best-of-N at equal compute draws N samples per prompt with N set on the first seed so that its FLOPs per prompt --
+counted from the models' shapes and the widths run (`rgrl.models.flops`), generation and the reward model's
+scoring of every sample -- match the costliest guided method's; `equal_compute_by: wall_time` sets N from measured
+seconds instead (which drift with the machine's load). The table reports both ratios for the row.
 
 Extra per-sample metrics (e.g. a ground-truth checker) are TRL-style functions named in `metrics`
 ("package.module:function", called as f(prompts=…, completions=…) -> list[float]); the table reports their mean
@@ -26,12 +31,14 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 from tqdm.auto import tqdm
 
 from rgrl.data import PromptDataConfig, load_prompts
 from rgrl.guidance import GUIDANCE_METHODS, GuidanceConfig, RewardGuidance
+from rgrl.models.flops import TransformerShape
 from rgrl.models.loading import DLLMConfig, num_logit_rows
 from rgrl.recipe import RecipeError, load_recipe, to_plain
 from rgrl.rewards import RewardModelConfig, import_function
@@ -54,6 +61,7 @@ class SteerRecipe:
     seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
     batch_size: int = 16  # rows per sampler call (a multiple of num_samples)
     equal_compute_bon: bool = True
+    equal_compute_by: Literal["flops", "wall_time"] = "flops"  # how Best-of-N's N matches the guided compute
     metrics: list[str] = field(default_factory=list)
     output_dir: str = "outputs/steer"
     device: str | None = None  # default: cuda if available, else cpu
@@ -79,6 +87,7 @@ class MethodRun:
     metrics: dict[str, torch.Tensor]  # name -> [P, N]
     dllm_forwards: float
     rm_forward_backward: float
+    flops: float  # generation and discrete scoring, all prompts
     seconds: float
     entropy_weight: float | None  # mean EntRGi weight w of the guided proposals (None when unguided)
 
@@ -131,7 +140,7 @@ def run(recipe: SteerRecipe) -> list[dict]:
             if method != "none":
                 config = GuidanceConfig(method=method, steps=recipe.guidance.steps, lr=recipe.guidance.lr,
                                         measure_gain=recipe.guidance.measure_gain)
-                guidance = RewardGuidance(config, reward_model, bridge)
+                guidance = RewardGuidance(config, reward_model, bridge, dllm.family.stop_token_ids)
             sampler = DiffusionSampler(dllm.model, dllm.tokenizer, dllm.family, recipe.sampler, guidance)
             result = sample_and_score(sampler, reward_model, prompts, recipe.num_samples, recipe.batch_size, seed,
                                       metric_functions, desc=f"seed {seed} {method}")
@@ -141,9 +150,11 @@ def run(recipe: SteerRecipe) -> list[dict]:
         guided = [m for m in recipe.methods if m != "none"]
         if recipe.equal_compute_bon and guided:
             if equal_compute_n is None:
-                costliest = max(runs[m][-1].seconds for m in guided)
-                unguided = runs["none"][-1].seconds
+                cost = (lambda r: r.flops) if recipe.equal_compute_by == "flops" else (lambda r: r.seconds)
+                costliest = max(cost(runs[m][-1]) for m in guided)
+                unguided = cost(runs["none"][-1])
                 equal_compute_n = max(recipe.num_samples, round(recipe.num_samples * costliest / unguided))
+                logger.info(f"Best-of-N at equal compute ({recipe.equal_compute_by}): N = {equal_compute_n}")
             n = equal_compute_n
             sampler = DiffusionSampler(dllm.model, dllm.tokenizer, dllm.family, recipe.sampler)
             result = sample_and_score(sampler, reward_model, prompts, n, max(n, recipe.batch_size // n * n), seed,
@@ -161,7 +172,7 @@ def sample_and_score(sampler: DiffusionSampler, reward_model, prompts: list, num
     """Sample `num_samples` completions per prompt in batches of `batch_size` rows, and score them."""
     prompts_per_batch = max(1, batch_size // num_samples)
     rewards, texts, extra = [], [], {name: [] for name in metric_functions}
-    forwards = rm_passes = seconds = weight_sum = 0.0
+    forwards = rm_passes = seconds = weight_sum = flops = 0.0
     guided_steps = 0
     for start in tqdm(range(0, len(prompts), prompts_per_batch), desc=desc, unit="batch"):
         chunk = prompts[start : start + prompts_per_batch]
@@ -169,6 +180,7 @@ def sample_and_score(sampler: DiffusionSampler, reward_model, prompts: list, num
         out = sampler.generate(chunk, num_samples=num_samples, seed=seed * 1_000_003 + start)
         rows = [p for p in chunk for _ in range(num_samples)]
         rewards.append(reward_model.score(rows, out.texts).view(len(chunk), num_samples))
+        flops += sum(sampler.generation_flops(out.stats).values()) + scoring_flops(reward_model, rows, out.texts)
         texts.extend(out.texts[i : i + num_samples] for i in range(0, len(out.texts), num_samples))
         for name, function in metric_functions.items():
             values = torch.tensor(function(prompts=rows, completions=out.texts), dtype=torch.float32)
@@ -180,8 +192,16 @@ def sample_and_score(sampler: DiffusionSampler, reward_model, prompts: list, num
         guided_steps += out.stats.guidance.steps
     total = len(prompts) * num_samples
     return MethodRun(texts=texts, rewards=torch.cat(rewards), metrics={k: torch.cat(v) for k, v in extra.items()},
-                     dllm_forwards=forwards / total, rm_forward_backward=rm_passes / total, seconds=seconds,
+                     dllm_forwards=forwards / total, rm_forward_backward=rm_passes / total, flops=flops,
+                     seconds=seconds,
                      entropy_weight=weight_sum / guided_steps if guided_steps else None)
+
+
+def scoring_flops(reward_model, prompts: list, completions: list[str]) -> int:
+    """FLOPs of the reward model's discrete scores of these pairs (one forward per conversation, unpadded)."""
+    shape = TransformerShape.from_config(reward_model.model.config, head_rows=1)
+    lengths = [len(reward_model.template.conversation_ids(p, c)) for p, c in zip(prompts, completions)]
+    return sum(shape.forward_flops(1, min(n, reward_model.max_length)) for n in lengths)
 
 
 def write_jsonl(path: Path, prompts: list, result: MethodRun) -> None:
@@ -207,7 +227,16 @@ def mean_sem(values: list[float]) -> tuple[float, float]:
 
 
 def summarize(runs: dict[str, list[MethodRun]], num_samples: int) -> list[dict]:
-    """One row per method: per-seed Top@1 / Avg@N / metrics, then mean ± SEM over seeds."""
+    """One row per method: per-seed Top@1 / Avg@N / metrics, then mean ± SEM over seeds.
+
+    Compute per prompt (means over seeds); the Best-of-N row at equal compute also gets its FLOPs and seconds as
+    multiples of the costliest guided method's (by FLOPs).
+    """
+    def per_prompt(method: str, attribute: str) -> float:
+        return statistics.fmean(getattr(r, attribute) / r.rewards.shape[0] for r in runs[method])
+
+    guided = [m for m in runs if m not in ("none", "bon_equal_compute")]
+    costliest = max(guided, key=lambda m: per_prompt(m, "flops")) if guided else None
     rows = []
     for method, per_seed in runs.items():
         n = per_seed[0].rewards.shape[1]
@@ -222,7 +251,12 @@ def summarize(runs: dict[str, list[MethodRun]], num_samples: int) -> list[dict]:
             row[f"{metric}@avg"] = mean_sem([r.metrics[metric].mean().item() for r in per_seed])
         row["dllm_forwards_per_sample"] = statistics.fmean(r.dllm_forwards for r in per_seed)
         row["rm_fwd_bwd_per_sample"] = statistics.fmean(r.rm_forward_backward for r in per_seed)
-        row["seconds_per_prompt"] = statistics.fmean(r.seconds / r.rewards.shape[0] for r in per_seed)
+        row["gflops_per_prompt"] = per_prompt(method, "flops") / 1e9
+        row["seconds_per_prompt"] = per_prompt(method, "seconds")
+        row["flops_vs_guided"] = row["seconds_vs_guided"] = None
+        if method == "bon_equal_compute" and costliest is not None:
+            row["flops_vs_guided"] = per_prompt(method, "flops") / per_prompt(costliest, "flops")
+            row["seconds_vs_guided"] = per_prompt(method, "seconds") / per_prompt(costliest, "seconds")
         weights = [r.entropy_weight for r in per_seed if r.entropy_weight is not None]
         row["entropy_weight"] = statistics.fmean(weights) if weights else None
         rows.append(row)
@@ -243,7 +277,10 @@ def write_summary(output_dir: Path, rows: list[dict], recipe: SteerRecipe) -> No
         "",
         f"K = {recipe.num_samples}, seeds {recipe.seeds}, T = {recipe.sampler.steps}, L = {recipe.sampler.completion_length}, "
         f"τ = {recipe.sampler.temperature}, M = {recipe.guidance.steps}, η = {recipe.guidance.lr}. "
-        "Top@1 = best RM score of the N samples of a prompt, Avg@N = their mean; mean ± SEM over seeds.",
+        "Top@1 = best RM score of the N samples of a prompt, Avg@N = their mean; mean ± SEM over seeds. "
+        f"Best-of-N at equal compute: N matched by {recipe.equal_compute_by.replace('_', ' ')} to the costliest "
+        "guided method; flops_vs_guided / seconds_vs_guided are its counted FLOPs and measured seconds as "
+        "multiples of that method's (generation plus the reward model's scoring of every sample).",
         "",
         "| method | " + " | ".join(columns) + " |",
         "|---|" + "---|" * len(columns),

@@ -363,7 +363,7 @@ def run(loaded: LoadedRecipe):
         if guided:
             bridge = recipe.guidance_model.bridge(dllm.tokenizer, num_logit_rows(model), guidance_rm)
             logger.info(f"Vocabulary bridge {recipe.model.path} -> {recipe.guidance_model.path}: {bridge.summary()}")
-            guidance = RewardGuidance(recipe.guidance, guidance_rm, bridge)
+            guidance = RewardGuidance(recipe.guidance, guidance_rm, bridge, family.stop_token_ids)
         trainer = RGRLTrainer(model, reward_funcs, args, guidance=guidance, **common)
     else:
         trainer = DiffuGRPOTrainer(model, reward_funcs, args, **common)

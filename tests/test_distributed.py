@@ -293,7 +293,7 @@ def test_reward_model_is_frozen_and_outside_the_optimizer(tmp_path):
     reward_model = RewardModel.from_pretrained("tiny:rm", dtype="float32")
     rows = dllm.model.get_input_embeddings().weight.shape[0]
     bridge = VocabBridge(dllm.tokenizer, reward_model.tokenizer, num_rows=rows)
-    guidance = RewardGuidance(GuidanceConfig(method="entrgi"), reward_model, bridge)
+    guidance = RewardGuidance(GuidanceConfig(method="entrgi"), reward_model, bridge, dllm.family.stop_token_ids)
     args = RGRLConfig(output_dir=str(tmp_path), bf16=False, activation_checkpointing=False, report_to="none",
                       per_device_train_batch_size=4, num_generations=2, max_steps=1, dataloader_pin_memory=False)
     prompts = datasets.Dataset.from_dict({"prompt": [[{"role": "user", "content": "Hello there."}]] * 2})

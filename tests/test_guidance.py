@@ -2,6 +2,7 @@
 autograd, torch.optim.Adam), with a linear stand-in reward."""
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -113,33 +114,48 @@ def test_fresh_adam_in_chunks_matches_torch_adam(steps, chunk_rows):
         assert torch.allclose(ours, start - 0.5 * gradients[0] / (gradients[0].abs() + 1e-8), atol=1e-6)
 
 
+END_OF_TURN = 0  # the stand-in reward model's end-of-turn row
+STOP = 10  # the dLLM stop token of these tests
+
+
 class LinearReward:
-    """Stand-in reward model: r_b = Σ_{kept slots} <embedding, u>; input embeddings are the identity-ish matrix."""
+    """Stand-in reward model: r_b = Σ_{kept slots} <embedding, u> + <end of turn, u>, where the end of turn is the
+    first stop slot's embedding when the row has one (else the template's own, row END_OF_TURN)."""
 
     def __init__(self, u: torch.Tensor, weight: torch.Tensor):
         self.u, self.input_embeddings = u, torch.nn.Embedding.from_pretrained(weight)
+        self.template = SimpleNamespace(end_of_turn_id=END_OF_TURN)
         self.calls = 0
 
     def embedding_scorer(self, prompts, num_slots):
-        def score(embeds, keep):
-            self.calls += 1
-            return ((embeds @ self.u) * keep).sum(-1)
+        return LinearScorer(self, len(prompts), num_slots)
 
-        return score
+
+class LinearScorer:
+    def __init__(self, reward, rows, num_slots):
+        self.reward, self.num_slots, self.input_shape = reward, num_slots, (rows, num_slots + 1)
+
+    def __call__(self, embeds, keep, stop_slot):
+        self.reward.calls += 1
+        rows = torch.arange(len(embeds))
+        has_stop = stop_slot < self.num_slots
+        end = torch.where(has_stop.unsqueeze(-1), embeds[rows, stop_slot.clamp(max=self.num_slots - 1)],
+                          self.reward.input_embeddings.weight[END_OF_TURN])
+        return ((embeds @ self.reward.u) * keep).sum(-1) + end @ self.reward.u
 
 
 class IdentityBridge:
     def embedding_matrix(self, embeddings):
-        return embeddings.weight
+        return embeddings.weight.clone()
 
 
 def _guidance(method, steps, lr, u, matrix, measure_gain=False, chunk_rows=512):
     config = GuidanceConfig(method=method, steps=steps, lr=lr, measure_gain=measure_gain, chunk_rows=chunk_rows)
-    return RewardGuidance(config, LinearReward(u, matrix), IdentityBridge())
+    return RewardGuidance(config, LinearReward(u, matrix), IdentityBridge(), stop_token_ids=(STOP,))
 
 
-def _hook(guidance, rows, slots, temperature=0.7, top_p=None, top_k=None, stop=(100,), seed=0):
-    return guidance.bind(["p"] * rows, slots, stop, temperature, top_p, top_k, torch.Generator().manual_seed(seed))
+def _hook(guidance, rows, slots, temperature=0.7, top_p=None, top_k=None, seed=0):
+    return guidance.bind(["p"] * rows, slots, temperature, top_p, top_k, torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("method,steps,lr,top_p,top_k", [
@@ -155,16 +171,16 @@ def test_guidance_step_equals_the_naive_reference(method, steps, lr, top_p, top_
     masked = torch.tensor([[True, False, True, True], [False, True, True, False]])
     tokens[masked] = 9  # the mask id; no stop token among the revealed ones
     phi = torch.randn(int(masked.sum()), V)
+    phi[:, STOP] = -math.inf  # no stop token anywhere, so every slot counts and the naive objective is the same
     start = phi.clone()
     guidance = _guidance(method, steps, lr, u, matrix, chunk_rows=2)
     stats = GuidanceStats()
-    # no stop token anywhere, so every slot counts and the naive objective is the same
     guided = _hook(guidance, B, L, top_p=top_p, top_k=top_k)(phi, tokens, masked, stats)
 
     def reward(embeds, _phi):
         return embeds @ u  # per slot; summed by the caller: the same objective as Σ_rows
 
-    expected = oracles.guided_logits(start, matrix, reward, method, steps, lr, 0.7, top_p, top_k,
+    expected = oracles.guided_logits(start, guidance.embedding_matrix, reward, method, steps, lr, 0.7, top_p, top_k,
                                      torch.Generator().manual_seed(0))
     assert guided.data_ptr() == phi.data_ptr()  # updated in place: no second copy of φ
     assert torch.allclose(guided, expected, atol=1e-5)
@@ -179,6 +195,7 @@ def test_guidance_uses_a_fresh_optimiser_every_denoising_step():
     masked = torch.ones(1, 3, dtype=torch.bool)
     guide = _hook(_guidance("expectation", 1, 0.5, u, matrix), 1, 3, temperature=1.0)
     logits = torch.randn(3, V)
+    logits[:, STOP] = -math.inf
     first = guide(logits.clone(), tokens, masked)
     second = guide(first.clone(), tokens, masked)
     # each call's single step is the closed form η·g/(|g|+ε) of that call's gradient: no momentum carried over
@@ -203,23 +220,55 @@ def test_guidance_raises_the_reward_of_the_relaxed_proposals():
         assert stats.rm_forward == 1 and stats.rm_forward_backward == 3
 
 
-def test_slots_after_the_first_stop_token_do_not_reach_the_reward():
-    ids = torch.tensor([[1, 2, 10, 3, 10], [10, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
-    keep = RewardGuidance.keep_before_stop(ids, (10,))
+def test_the_first_stop_slot_is_read_as_the_end_of_turn_and_later_slots_are_not():
+    matrix, u = torch.randn(V, D), torch.randn(D)
+    guidance = _guidance("expectation", 1, 0.5, u, matrix)
+    ids = torch.tensor([[1, 2, STOP, 3, STOP], [STOP, 1, 1, 1, 1], [1, 1, 1, 1, 1]])
+    keep, stop_slot = guidance.first_stop(ids)
     assert keep.tolist() == [
         [True, True, False, False, False],
         [False, False, False, False, False],
         [True, True, True, True, True],
     ]
-    # a masked slot whose argmax is a stop token cuts the response there, and gets no gradient after it
-    matrix, u = torch.randn(V, D), torch.randn(D)
+    assert stop_slot.tolist() == [2, 0, 5]
+    # In Ê every stop token is the reward model's end of turn, so a one-hot φ reads as the discrete path does.
+    assert torch.equal(guidance.embedding_matrix[STOP], matrix[END_OF_TURN])
+    assert torch.equal(guidance.embedding_matrix[:STOP], matrix[:STOP])
+
+    # A masked slot whose argmax is the stop token ends the response there: it is read as the end of turn and its
+    # logits get the reward gradient (guidance can move the end); the slots after it get none.
     logits = torch.randn(4, V)
-    logits[1, 10] = 50.0  # slot 1 predicts the stop token
+    logits[1, STOP] = 5.0  # slot 1 predicts the stop token
+    logits[2:, STOP] = -math.inf
     tokens = torch.full((1, 4), 9)
     masked = torch.ones(1, 4, dtype=torch.bool)
-    guided = _hook(_guidance("expectation", 1, 0.5, u, matrix), 1, 4, 1.0, stop=(10,))(logits.clone(), tokens, masked)
+    guided = _hook(guidance, 1, 4, temperature=1.0)(logits.clone(), tokens, masked)
     assert not torch.equal(guided[0], logits[0])
-    assert torch.equal(guided[1:], logits[1:])  # from the stop on: no gradient, no change
+    assert (guided[1] - logits[1]).abs().max() > 0.4  # a closed-form Adam step: |Δ| = η where g ≠ 0
+    assert torch.equal(guided[2:], logits[2:])
+    # The direct computation: the gradient at the stop slot is that of <softmax(φ) @ Ê, u> with Ê's stop row.
+    phi = logits[1].clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(-(phi.softmax(-1) @ guidance.embedding_matrix @ u), phi)
+    torch.testing.assert_close(guided[1], logits[1] - 0.5 * g / (g.abs() + 1e-8), atol=1e-5, rtol=0)
+
+
+def test_zero_temperature_guidance_is_greedy_and_finite():
+    """τ = 0 means greedy in the sampler; guidance then relaxes softmax(φ) (unscaled) instead of dividing by 0."""
+    torch.manual_seed(2)
+    matrix, u = torch.randn(V, D), torch.randn(D)
+    logits = torch.randn(6, V)
+    logits[:, STOP] = -math.inf
+    tokens = torch.full((2, 3), 9)
+    masked = torch.ones(2, 3, dtype=torch.bool)
+    for method in ("entrgi", "aps", "expectation"):
+        guidance = _guidance(method, 2, 0.5, u, matrix)
+        greedy = _hook(guidance, 2, 3, temperature=0.0, top_p=0.95)(logits.clone(), tokens, masked)
+        assert torch.isfinite(greedy[:, :STOP]).all(), method
+    weight = torch.full((4,), 0.3)
+    phi = torch.randn(4, V)
+    mixed = mixed_embeddings(phi, matrix, weight, 0.0, None, None)
+    expected = 0.7 * (phi.softmax(-1) @ matrix) + 0.3 * matrix[phi.argmax(-1)]
+    torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=0)
 
 
 def test_guidance_config_validation():
@@ -230,4 +279,5 @@ def test_guidance_config_validation():
     with pytest.raises(ValueError, match="lr"):
         GuidanceConfig(lr=0.0)
     with pytest.raises(ValueError, match="unguided"):
-        RewardGuidance(GuidanceConfig(method="none"), LinearReward(torch.zeros(D), torch.zeros(V, D)), IdentityBridge())
+        RewardGuidance(GuidanceConfig(method="none"), LinearReward(torch.zeros(D), torch.zeros(V, D)), IdentityBridge(),
+                       stop_token_ids=(STOP,))

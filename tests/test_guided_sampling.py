@@ -4,7 +4,7 @@ sampling at matching seeds, for every estimator, both families, and a reward mod
 import pytest
 import torch
 
-from rgrl.guidance import GuidanceConfig, RewardGuidance
+from rgrl.guidance import GuidanceConfig, RewardGuidance, entropy_weight, mixed_embeddings
 from rgrl.models.loading import DLLMConfig
 from rgrl.rewards import RewardModelConfig
 from rgrl.sampling import DiffusionSampler, SamplerConfig
@@ -35,7 +35,8 @@ def rewards(dllm, reward_model, guidance=None):
 def test_guidance_raises_the_discrete_reward_beyond_noise(pair, method):
     dllm, reward_model, bridge = pair
     unguided, _ = rewards(dllm, reward_model)
-    guidance = RewardGuidance(GuidanceConfig(method=method, steps=3, lr=0.5), reward_model, bridge)
+    guidance = RewardGuidance(GuidanceConfig(method=method, steps=3, lr=0.5, measure_gain=True), reward_model, bridge,
+                              dllm.family.stop_token_ids)
     guided, out = rewards(dllm, reward_model, guidance)
     gain = guided - unguided  # paired by row: same prompt, same seed
     standard_error = gain.std() / len(gain) ** 0.5
@@ -50,5 +51,55 @@ def test_unguided_sampling_is_reproducible_and_guidance_changes_it(pair):
     first, a = rewards(dllm, reward_model)
     second, b = rewards(dllm, reward_model)
     assert torch.equal(a.completion_ids, b.completion_ids) and torch.equal(first, second)
-    guided, c = rewards(dllm, reward_model, RewardGuidance(GuidanceConfig(steps=1), reward_model, bridge))
+    guided, c = rewards(dllm, reward_model, RewardGuidance(GuidanceConfig(steps=1), reward_model, bridge,
+                                                                     dllm.family.stop_token_ids))
     assert not torch.equal(a.completion_ids, c.completion_ids)
+
+
+COMPLETION = "Our team writes about the garden today!"  # every dLLM token of it maps 1-to-1 onto the RM's tokens
+
+
+@pytest.mark.parametrize("which_stop", ["eos", "end_of_turn"])
+def test_one_hot_phi_with_the_stop_slot_in_the_window_scores_as_the_discrete_path(pair, which_stop):
+    """The first stop slot stands where the RM template writes its end of turn (mapped to it for a mismatched RM,
+    e.g. LLaDA's <|eot_id|> -> the tiny mismatched RM's <|end|>): a one-hot φ gives exactly the discrete score."""
+    dllm, reward_model, bridge = pair
+    family = dllm.family
+    stop = family.eos_token_id if which_stop == "eos" else family.end_of_turn_token_id
+    guidance = RewardGuidance(GuidanceConfig(method="entrgi"), reward_model, bridge, family.stop_token_ids)
+    end_of_turn = reward_model.template.end_of_turn_id
+    assert reward_model.template.split_ids(PROMPTS[0])[1][0] == end_of_turn
+    assert torch.equal(guidance.embedding_matrix[stop], reward_model.input_embeddings.weight[end_of_turn])
+
+    ids = dllm.tokenizer(COMPLETION, add_special_tokens=False).input_ids
+    assert bridge.index[ids].tolist() == reward_model.tokenizer(COMPLETION, add_special_tokens=False).input_ids
+    length = len(ids) + 4
+    tokens = torch.tensor([ids + [stop] + ids[:3], ids + ids[:4]])  # row 1: no stop, cut at L by the template
+    phi = torch.full((2 * length, guidance.embedding_matrix.shape[0]), -torch.inf)
+    phi[torch.arange(2 * length), tokens.flatten()] = 0.0  # one-hot φ at every slot (all masked)
+    masked = torch.ones_like(tokens, dtype=torch.bool)
+    weight = entropy_weight("entrgi", phi)
+    embeds = mixed_embeddings(phi, guidance.embedding_matrix, weight, 0.7, 0.95, None)
+    keep, stop_slot = guidance.first_stop(tokens)
+    assert stop_slot.tolist() == [len(ids), length]
+    rewards = guidance.bind([PROMPTS[0], PROMPTS[1]], length, 0.7, 0.95, None).rewards(phi, embeds, tokens, masked)
+    texts = [COMPLETION, dllm.tokenizer.decode(tokens[1].tolist(), skip_special_tokens=True)]
+    torch.testing.assert_close(rewards, reward_model.score(PROMPTS[:2], texts), atol=1e-5, rtol=0)
+
+
+def test_the_stop_slot_gets_reward_gradient_and_the_slots_after_it_none(pair):
+    dllm, reward_model, bridge = pair
+    family = dllm.family
+    guidance = RewardGuidance(GuidanceConfig(method="entrgi", steps=1), reward_model, bridge, family.stop_token_ids)
+    torch.manual_seed(0)
+    length, stop_at = 8, 4
+    logits = torch.randn(length, guidance.embedding_matrix.shape[0])
+    logits[..., list(family.stop_token_ids)] = -torch.inf
+    logits[stop_at, family.end_of_turn_token_id] = 5.0  # slot 4's most likely token ends the turn
+    tokens = torch.full((1, length), family.mask_token_id)
+    masked = torch.ones_like(tokens, dtype=torch.bool)
+    guide = guidance.bind(PROMPTS[:1], length, 0.7, 0.95, None, torch.Generator().manual_seed(0))
+    guided = guide(logits.clone(), tokens, masked)
+    change = (guided - logits).nan_to_num().abs().amax(dim=-1)  # the first Adam step moves each entry by ≤ η
+    assert (change[: stop_at + 1] > 0.4).all(), change  # the stop slot too: guidance can move the end
+    assert (change[stop_at + 1 :] == 0).all(), change

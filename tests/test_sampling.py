@@ -170,6 +170,48 @@ def test_eos_is_revealed_last_when_deprioritised(tokenizer):
     assert first_revealed_token(deprioritize=False) == eos
 
 
+@pytest.mark.parametrize("model_type", ["Dream", "llada"])
+def test_only_the_tokenizers_eos_is_held_back_by_default(model_type):
+    """A slot certain to be end of turn is committed first by default (as the paper's reference sampler); EOS is
+    held back; `deprioritized_tokens: eos_and_end_of_turn` holds back both."""
+    tokenizer = build_tokenizer("qwen" if model_type == "Dream" else "llama3")
+    mask = tokenizer.convert_tokens_to_ids("<|mask|>" if model_type == "Dream" else "<|mdm_mask|>")
+    config = SimpleNamespace(model_type=model_type, mask_token_id=mask, vocab_size=512)
+    family = resolve_family(config, tokenizer, {"mask_token_id": mask})
+    eos, eot = family.eos_token_id, family.end_of_turn_token_id
+    assert eot is not None and eot != eos
+    shift = 1 if family.shifted_logits else 0  # Dream: the logit at position i predicts position i + 1
+
+    def script(i, ids):  # the last slot: certainly end of turn; the one before: certainly EOS; the rest less sure
+        row = torch.zeros(512)
+        row[120] = 4.0
+        if i + shift == ids.shape[1] - 1:
+            row[eot] = 30.0
+        elif i + shift == ids.shape[1] - 2:
+            row[eos] = 30.0
+        return row
+
+    def reveal_order(**options):
+        sampler_config = SamplerConfig(steps=4, completion_length=4, schedule="linear", alg="maskgit_plus",
+                                       temperature=0, **options)
+        out = DiffusionSampler(ScriptedModel(script), tokenizer, family, sampler_config).generate(
+            ["x"], record_history=True)
+        before = torch.full_like(out.history[0], family.mask_token_id)
+        order = []
+        for after in out.history:  # one slot per step
+            (slot,) = ((after[0] != family.mask_token_id) & (before[0] == family.mask_token_id)).nonzero()[:, 0]
+            order.append(int(out.completion_ids[0, slot]))
+            before = after
+        return order
+
+    assert SamplerConfig().deprioritized_tokens == "eos"
+    assert reveal_order() == [eot, 120, 120, eos]
+    assert reveal_order(deprioritized_tokens="eos_and_end_of_turn")[:2] == [120, 120]
+    assert set(reveal_order(deprioritized_tokens="eos_and_end_of_turn")[2:]) == {eos, eot}
+    with pytest.raises(ValueError, match="deprioritized_tokens"):
+        SamplerConfig(deprioritized_tokens="everything")
+
+
 def test_same_seed_same_samples_and_texts_are_cut_at_the_stop(tokenizer):
     family = family_for(tokenizer, "Dream")
     eot = family.end_of_turn_token_id
@@ -202,7 +244,7 @@ class ScriptedGuidance:
         self.device = torch.device("cpu")
         self.calls = 0
 
-    def bind(self, prompts, num_slots, stop_token_ids, temperature, top_p, top_k, generator):
+    def bind(self, prompts, num_slots, temperature, top_p, top_k, generator):
         def guide(logits, tokens, masked, stats):
             self.calls += 1
             return logits.add_(self.bias)  # in place, as the real hook does

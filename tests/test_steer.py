@@ -74,7 +74,8 @@ def test_mean_sem_is_the_standard_error_of_the_mean():
 def test_summary_top1_and_avg_against_a_direct_computation():
     rewards = [torch.tensor([[0.0, 1.0], [3.0, 2.0]]), torch.tensor([[1.0, 1.0], [0.0, 4.0]])]
     runs = {"none": [steer.MethodRun(texts=[], rewards=r, metrics={"gt": (r > 1.5).float()}, dllm_forwards=8,
-                                     rm_forward_backward=0, seconds=1.0, entropy_weight=None) for r in rewards]}
+                                     rm_forward_backward=0, flops=1e9, seconds=1.0, entropy_weight=None)
+                     for r in rewards]}
     (row,) = steer.summarize(runs, num_samples=2)
     assert row["top1"][0] == pytest.approx((2.0 + 2.5) / 2)  # seed means of the per-prompt maxima
     assert row["avg"][0] == pytest.approx((1.5 + 1.5) / 2)
@@ -105,6 +106,32 @@ device: cpu
     assert float(rows[1]["rm_fwd_bwd_per_sample"]) == 4.0  # M = 1 per step, T = 4
     assert "| entrgi |" in (out / "summary.md").read_text()
     assert "completion_length@best" in rows[0]
+
+
+@pytest.mark.parametrize("equal_compute_by", ["flops", "wall_time"])
+def test_best_of_n_at_equal_compute_takes_n_from_counted_flops(tmp_path, equal_compute_by):
+    """N = K × (costliest guided method's cost per prompt) / (unguided cost per prompt), cost by FLOPs by default."""
+    recipe_path = write(tmp_path, BASE + f"""
+sampler: {{steps: 4, completion_length: 4}}
+guidance: {{steps: 2}}
+methods: [none, aps, entrgi]
+num_samples: 2
+seeds: [1]
+batch_size: 4
+equal_compute_by: {equal_compute_by}
+output_dir: {tmp_path / 'out'}
+device: cpu
+""")
+    steer.main([recipe_path])
+    rows = {r["method"].split(" (")[0]: r for r in csv.DictReader(open(tmp_path / "out" / "summary.csv"))}
+    column = "gflops_per_prompt" if equal_compute_by == "flops" else "seconds_per_prompt"
+    guided = max(float(rows[m][column]) for m in ("aps", "entrgi"))
+    expected_n = max(2, round(2 * guided / float(rows["unguided"][column])))
+    assert int(rows["BoN equal compute"]["N"]) == expected_n
+    if equal_compute_by == "flops":  # equal by construction, up to rounding N and the batches' padding
+        assert float(rows["BoN equal compute"]["flops_vs_guided"]) == pytest.approx(1.0, abs=1.0 / expected_n + 0.05)
+    assert float(rows["BoN equal compute"]["seconds_vs_guided"]) > 0
+    assert rows["entrgi"]["flops_vs_guided"] == ""  # only the Best-of-N row is compared
 
 
 def completion_length(prompts, completions, **kwargs):

@@ -186,7 +186,8 @@ def test_end_to_end_outputs(tiny_run):
     entries = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     train = [e for e in entries if "loss" in e]
     assert [e["step"] for e in train] == [1, 2]
-    assert {"reward", "rewards/rm/mean", "guidance/reward_gain", "completions/mean_length"} <= set(train[0])
+    assert {"reward", "rewards/rm/mean", "guidance/reward_before", "completions/mean_length"} <= set(train[0])
+    assert "guidance/reward_gain" not in train[0]  # measure_gain (an extra RM forward per step) is off by default
     assert any("eval_reward" in e and e["step"] == 2 for e in entries)
     assert list((out / "wandb").glob("offline-run-*")), "wandb wrote no offline run"
     assert list(out.rglob("events.out.tfevents.*")), "tensorboard wrote no events"

@@ -70,7 +70,8 @@ def make_trainer(kind, tmp_path, reward_model, family_name="dream", eval_prompts
     if kind == "rgrl":
         bridge = VocabBridge(loaded.tokenizer, reward_model.tokenizer,
                              num_rows=loaded.model.get_input_embeddings().weight.shape[0])
-        guidance = RewardGuidance(GuidanceConfig(method="entrgi", steps=1, lr=0.5), reward_model, bridge)
+        config = GuidanceConfig(method="entrgi", steps=1, lr=0.5, measure_gain=True)
+        guidance = RewardGuidance(config, reward_model, bridge, loaded.family.stop_token_ids)
         args = RGRLConfig(**config_kwargs(tmp_path, **overrides))
         return RGRLTrainer(loaded.model, rewards, args, guidance=guidance, **common)
     args = DiffuGRPOConfig(**config_kwargs(tmp_path, **overrides))
@@ -287,6 +288,28 @@ def test_rgrl_learner_raises_likelihood_of_guided_completions(tmp_path, reward_m
     assert all(b < a for a, b in zip(losses, losses[1:] + [final]))
 
 
+def test_rgrl_loss_scale_is_the_references_sum_over_k(tmp_path, reward_model):
+    """Default: −Σ_i a_i·ℓ_i / K over the micro-batch (the paper's reference); `num_completions`: the mean. With 4 rows
+    = 2 prompts × K = 2 they differ by the 2 prompts per micro-batch."""
+    trainer = make_trainer("rgrl", tmp_path, reward_model)
+    model = trainer.model
+    model.train()
+    batch = trainer._generate_and_score_completions(rollout_rows())
+    trainer.current_gradient_accumulation_steps = 1
+    with torch.no_grad():
+        loglik = sequence_log_likelihood(trainer._log_probs(model, batch, 0), trainer._token_weights(batch, 0),
+                                         batch["completion_mask"])
+        assert trainer.args.loss_normalizer == "num_generations"
+        reference = trainer._compute_loss(model, batch)
+        trainer.args.loss_normalizer = "num_completions"
+        mean = trainer._compute_loss(model, batch)
+    assert reference.item() == pytest.approx(-loglik.sum().item() / K, rel=1e-6)
+    assert mean.item() == pytest.approx(-loglik.mean().item(), rel=1e-6)
+    assert reference.item() == pytest.approx(2 * mean.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="loss_normalizer"):
+        RGRLConfig(**config_kwargs(tmp_path, loss_normalizer="tokens"))
+
+
 @pytest.fixture(scope="module")
 def rgrl_run(tmp_path_factory, reward_model):
     """Two RGRL steps and an unguided evaluation on tiny Dream; parameters before and after."""
@@ -349,3 +372,17 @@ def test_resume_matches_uninterrupted_run(tmp_path, reward_model):
     assert all(torch.equal(expected[name], got[name]) for name in expected)
     rewards = [entry["reward"] for entry in full.state.log_history if "reward" in entry]
     assert resumed.state.log_history[-2]["reward"] == rewards[-1]
+
+
+def test_training_curves_show_every_reward_function(tmp_path):
+    """The README's main job shows the ground-truth pass rate: each `rewards/<name>/mean` gets a panel (train and
+    unguided eval), right after the combined reward."""
+    from rgrl.trainers.callbacks import plot_curves, plotted_metrics
+
+    history = [{"step": s, "reward": 0.1 * s, "rewards/rm/mean": 0.1 * s, "rewards/ground_truth/mean": 0.5,
+                "completions/mean_length": 12.0} for s in (1, 2, 3)]
+    history += [{"step": 3, "eval_reward": 0.2, "eval_rewards/ground_truth/mean": 0.7}]
+    panels = plotted_metrics(history)
+    assert panels[:3] == ["reward", "rewards/ground_truth/mean", "rewards/rm/mean"]
+    assert plot_curves(history, str(tmp_path / "curves.png"))
+    assert (tmp_path / "curves.png").stat().st_size > 1000

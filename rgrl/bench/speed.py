@@ -145,7 +145,7 @@ def build(name: str, device: torch.device, dtype: torch.dtype, layers: int, canv
                                    temperature=setting["temperature"], top_p=setting["top_p"],
                                    top_k=setting["top_k"], deprioritize_eos=False)
     guidance = RewardGuidance(GuidanceConfig(method="entrgi", steps=setting["steps"], lr=setting["lr"],
-                                             measure_gain=False), reward_model, bridge)
+                                             measure_gain=False), reward_model, bridge, family.stop_token_ids)
     sampler = DiffusionSampler(model.eval(), tokenizer, family, sampler_config, guidance)
     generator = torch.Generator().manual_seed(0)
     prompt_ids = torch.randint(0, family.mask_token_id, (rows, prompt_length), generator=generator)
@@ -186,8 +186,8 @@ def measure(setup: Setup, repeats: int, oracle: bool, throughput: float) -> dict
     masked = slots == family.mask_token_id
 
     def bound(seed: int):
-        return guidance.bind(setup.prompts, config.completion_length, family.stop_token_ids, config.temperature,
-                             config.top_p, config.top_k, torch.Generator(guidance.device).manual_seed(seed))
+        return guidance.bind(setup.prompts, config.completion_length, config.temperature, config.top_p,
+                             config.top_k, torch.Generator(guidance.device).manual_seed(seed))
 
     hook = bound(1)
     with torch.no_grad():

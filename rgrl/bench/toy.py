@@ -6,11 +6,12 @@ recipes in recipes/):
 
   1. test time, per family: unguided sampling (its Top@1 is Best-of-N, N = K), Best-of-N at equal compute,
      expectation, APS and EntRGi (recipes/steer_toy_<family>.yaml) — Top@1 and Avg@N of the reward model and the
-     ground-truth pass rate of the best sample, mean ± SEM over seeds;
+     ground-truth pass rate of the best sample, mean ± SEM over seeds, and the FLOPs and seconds each spent;
   2. an ablation of EntRGi over M ∈ {1, 3} and η ∈ {0.25, 0.5, 1};
   3. training, per family: RGRL-EntRGi, RGRL-APS and diffu-GRPO with the same prompts and steps
-     (recipes/toy_<family>.yaml and recipes/toy_<family>_diffu_grpo.yaml) — curves of the training reward and of the
-     unguided held-out reward and ground-truth pass rate.
+     (recipes/toy_<family>.yaml and recipes/toy_<family>_diffu_grpo.yaml, RGRL with `guidance.measure_gain` on for
+     the guidance-gain column) — curves of the training reward and of the unguided held-out reward and ground-truth
+     pass rate.
 
 It writes `toy.md` (tables, the exact command, versions, wall time), `toy.json` and PNG plots into `--out`; the runs'
 own outputs (samples, checkpoints) go to `--work`. `--quick` shrinks everything to a smoke test (numbers
@@ -34,9 +35,10 @@ from statistics import fmean
 FAMILIES = ("dream", "llada")
 ABLATION_STEPS = (1, 3)
 ABLATION_LRS = (0.25, 0.5, 1.0)
+MEASURE_GAIN = ["--guidance.measure_gain", "true"]  # the report's guidance-gain column; off in the recipes (cost)
 TRAINING_VARIANTS = (  # (label, recipe pattern, overrides)
-    ("RGRL-EntRGi", "recipes/toy_{family}.yaml", []),
-    ("RGRL-APS", "recipes/toy_{family}.yaml", ["--guidance.method", "aps"]),
+    ("RGRL-EntRGi", "recipes/toy_{family}.yaml", MEASURE_GAIN),
+    ("RGRL-APS", "recipes/toy_{family}.yaml", ["--guidance.method", "aps", *MEASURE_GAIN]),
     ("diffu-GRPO", "recipes/toy_{family}_diffu_grpo.yaml", []),
 )
 
@@ -209,12 +211,16 @@ def write_markdown(report: dict, path: Path) -> None:
     ]
     test_columns = [("method", "method"), ("N", "N"), ("RM Top@1", "top1"), ("RM Avg@N", "avg"),
                     ("pass rate of best", "ground_truth@best"), ("pass rate, all samples", "ground_truth@avg"),
-                    ("mean w", "entropy_weight"), ("s / prompt", "seconds_per_prompt")]
+                    ("mean w", "entropy_weight"), ("GFLOP / prompt", "gflops_per_prompt"),
+                    ("s / prompt", "seconds_per_prompt"), ("FLOPs ÷ guided", "flops_vs_guided"),
+                    ("time ÷ guided", "seconds_vs_guided")]
     for family, rows in report["test_time"].items():
         lines += [f"## Test time: toy {family}", "",
                   "Top@1 = best reward-model score of a prompt's N samples, Avg@N = their mean; the pass rate is the "
                   "ground truth (the reward model never sees it); mean ± SEM over seeds. Best-of-N at equal compute "
-                  "matches the wall time of the costliest guided method.", ""]
+                  "draws N samples so that its counted FLOPs (generation and scoring, `rgrl.models.flops`) match "
+                  "the costliest guided method's; its FLOPs and measured seconds as multiples of that method's are "
+                  "the last two columns.", ""]
         lines += _table(rows, test_columns) + [""]
     for family, rows in report["ablation"].items():
         lines += [f"## Ablation of EntRGi: toy {family}", ""]

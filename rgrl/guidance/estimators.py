@@ -32,7 +32,9 @@ class GuidanceConfig:
     method: Literal["entrgi", "aps", "expectation", "none"] = "entrgi"
     steps: int = 3  # M: Adam steps on φ per denoising step
     lr: float = 0.5  # η
-    measure_gain: bool = True  # one extra RM forward per step to log the reward of the updated proposals
+    # Log the reward of the updated proposals (guidance/reward_after, reward_gain): one extra RM forward per denoising
+    # step, about a third of guidance's RM compute at M = 1 (a frozen RM's backward costs about one forward).
+    measure_gain: bool = False
     chunk_rows: int = 512  # rows of φ [N, V] processed together in the vocabulary-wide operations
 
     def __post_init__(self):
@@ -91,7 +93,8 @@ def mixed_embeddings(
         logits: φ [N, V].
         embedding_matrix: Ê [V, d], frozen.
         weight: w [N] in [0, 1].
-        uniform: [N] uniforms in [0, 1) for the hard draws (None: greedy, as for τ = 0).
+        temperature: τ; 0 means greedy, as in the sampler: the soft part is softmax(φ) (unscaled).
+        uniform: [N] uniforms in [0, 1) for the hard draws (None: greedy, the argmax, as for τ = 0).
     Returns:
         e [N, d] in Ê's dtype. Its gradient w.r.t. φ is the soft path's: `soft_embedding_grad`.
     """
@@ -116,6 +119,9 @@ class GuidanceStats:
     reward_after_sum: float = 0.0  # ... and after them (only when measure_gain)
     rm_forward_backward: int = 0
     rm_forward: int = 0
+    rm_input_shape: tuple[int, int] = (0, 0)  # [rows, columns] of every RM pass of this generation
+    relaxed_positions: int = 0  # Σ over RM forward+backward passes of the masked positions N (rows of φ)
+    relaxed_positions_forward: int = 0  # ... over the measure_gain forwards
     seconds: float = 0.0
     history: list[dict] = field(default_factory=list, repr=False)
 
@@ -141,36 +147,50 @@ class RewardGuidance:
         config: the estimator and its optimiser settings.
         reward_model: a `rgrl.rewards.RewardModel` (frozen, differentiable embedding path).
         bridge: a `rgrl.rewards.VocabBridge` from the dLLM vocabulary to the reward model's.
+        stop_token_ids: the dLLM tokens that end a response (EOS, end of turn). The reward model reads a response up
+            to and including its first stop slot, which stands where its chat template writes the end of turn: in Ê
+            every stop token is the RM's end-of-turn embedding, so a one-hot φ scores exactly as the discrete path
+            (whose text ends before the stop token and gets the template's end of turn), and the stop slot's logits
+            receive reward gradient -- guidance can move where a response ends.
     """
 
-    def __init__(self, config: GuidanceConfig, reward_model, bridge):
+    def __init__(self, config: GuidanceConfig, reward_model, bridge, stop_token_ids: tuple[int, ...]):
         if config.method == "none":
             raise ValueError("RewardGuidance needs a guidance method; 'none' means unguided sampling.")
+        if not stop_token_ids:
+            raise ValueError("RewardGuidance needs the dLLM's stop token ids (EOS and end of turn).")
         self.config = config
         self.reward_model = reward_model
-        self.embedding_matrix = bridge.embedding_matrix(reward_model.input_embeddings)  # Ê [V, d]
+        self.stop_token_ids = tuple(stop_token_ids)
+        embedding_matrix = bridge.embedding_matrix(reward_model.input_embeddings)  # Ê [V, d]
+        with torch.no_grad():
+            end_of_turn = torch.tensor([reward_model.template.end_of_turn_id], device=embedding_matrix.device)
+            embedding_matrix[list(self.stop_token_ids)] = reward_model.input_embeddings(end_of_turn).to(
+                embedding_matrix.dtype)
+        self.embedding_matrix = embedding_matrix
 
     @property
     def device(self) -> torch.device:
         return self.embedding_matrix.device
 
-    def bind(self, prompts: list, num_slots: int, stop_token_ids: tuple[int, ...], temperature: float,
-             top_p: float | None, top_k: int | None, generator: torch.Generator | None = None) -> GuidanceHook:
+    def bind(self, prompts: list, num_slots: int, temperature: float, top_p: float | None, top_k: int | None,
+             generator: torch.Generator | None = None) -> GuidanceHook:
         """The guidance of one generation: these prompts (one per row), `num_slots` response slots, the sampler's
-        stop tokens and sampling settings, and the generator of its hard draws (on the guidance device)."""
+        settings, and the generator of its hard draws (on the guidance device)."""
         scorer = self.reward_model.embedding_scorer(prompts, num_slots=num_slots)
-        return GuidanceHook(self, scorer, stop_token_ids, temperature, top_p, top_k, generator)
+        return GuidanceHook(self, scorer, temperature, top_p, top_k, generator)
 
     def response_embeddings(self, tokens: torch.Tensor, masked: torch.Tensor, masked_embeds: torch.Tensor):
         """[B, L] canvas tokens, [B, L] masked flags, [N, d] embeddings at masked slots -> [B, L, d]."""
         revealed = self.embedding_matrix[tokens.clamp(max=self.embedding_matrix.shape[0] - 1)]
         return revealed.masked_scatter(masked.unsqueeze(-1), masked_embeds)
 
-    @staticmethod
-    def keep_before_stop(ids: torch.Tensor, stop_token_ids: tuple[int, ...]) -> torch.Tensor:
-        """[B, L] ids -> [B, L] bool: slots strictly before the first stop token (the RM template ends the turn)."""
-        is_stop = torch.isin(ids, torch.tensor(stop_token_ids, device=ids.device))
-        return is_stop.long().cumsum(dim=-1) == 0
+    def first_stop(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[B, L] ids -> (keep [B, L] bool: slots strictly before the first stop token; stop_slot [B] long: the
+        first stop token's slot, L when there is none)."""
+        is_stop = torch.isin(ids, torch.tensor(self.stop_token_ids, device=ids.device))
+        keep = is_stop.long().cumsum(dim=-1) == 0
+        return keep, keep.sum(dim=-1)
 
 
 class GuidanceHook:
@@ -181,9 +201,8 @@ class GuidanceHook:
     (M >= 2) and one chunk's temporaries are ever as wide as the vocabulary.
     """
 
-    def __init__(self, guidance: RewardGuidance, scorer, stop_token_ids, temperature, top_p, top_k, generator):
+    def __init__(self, guidance: RewardGuidance, scorer, temperature, top_p, top_k, generator):
         self.guidance, self.scorer = guidance, scorer
-        self.stop_token_ids = stop_token_ids
         self.temperature, self.top_p, self.top_k = temperature, top_p, top_k
         self.generator = generator
 
@@ -218,9 +237,12 @@ class GuidanceHook:
         if stats is not None:
             stats.steps += 1
             stats.rm_forward_backward += config.steps
+            stats.rm_input_shape = self.scorer.input_shape
+            stats.relaxed_positions += config.steps * phi.shape[0]
             if config.measure_gain:
                 stats.reward_after_sum += self.rewards(phi, self.proposals(phi)[0], tokens, masked).mean().item()
                 stats.rm_forward += 1
+                stats.relaxed_positions_forward += phi.shape[0]
             stats.seconds += time.perf_counter() - start
         return phi if phi.device == logits.device else phi.to(logits.device)
 
@@ -243,9 +265,9 @@ class GuidanceHook:
         differentiable in `embeds` when it requires grad (the sampler runs under no_grad; this pass may not)."""
         guidance = self.guidance
         with torch.no_grad():
-            keep = guidance.keep_before_stop(tokens.masked_scatter(masked, phi.argmax(dim=-1)), self.stop_token_ids)
+            keep, stop_slot = guidance.first_stop(tokens.masked_scatter(masked, phi.argmax(dim=-1)))
         with torch.set_grad_enabled(embeds.requires_grad):
-            return self.scorer(guidance.response_embeddings(tokens, masked, embeds), keep)
+            return self.scorer(guidance.response_embeddings(tokens, masked, embeds), keep, stop_slot)
 
     def update(self, adam: FreshAdam, phi: torch.Tensor, grad_embeds: torch.Tensor) -> None:
         """One Adam step on φ [N, V] in place, from the reward's gradient w.r.t. the proposals' embeddings [N, d]."""

@@ -69,9 +69,11 @@ class TransformerShape:
         per_token = 2 * (d * h * e + 2 * d * k * e + h * e * d + 3 * d * f)
         return rows * width * self.num_layers * per_token
 
-    def attention_flops(self, rows: int, width: int) -> int:
-        """Q·Kᵀ and weights·V of all blocks, every position attending to all `width` positions."""
-        return rows * self.num_layers * 4 * width * width * self.num_heads * self.head_dim
+    def attention_flops(self, rows: int, width: int, keys: int | None = None) -> int:
+        """Q·Kᵀ and weights·V of all blocks, `width` query positions each attending to `keys` positions (default:
+        all `width`; fewer queries than keys when a prompt cache is reused)."""
+        keys = width if keys is None else keys
+        return rows * self.num_layers * 4 * width * keys * self.num_heads * self.head_dim
 
     def head_flops(self, positions: int) -> int:
         """The output head on `positions` positions in all."""

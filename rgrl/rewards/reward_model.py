@@ -141,7 +141,9 @@ class EmbeddingScorer:
     the template's last real token (the one a classifier given `inputs_embeds` pools). The attention mask hides the
     pads and every slot with keep=False; position ids are cumsum(mask) - 1, so the visible tokens sit at exactly
     the positions they would have in discrete scoring and the result equals `RewardModel.score` on the kept
-    tokens. Pads sit after the prefix rather than at the far left so that no query row is fully masked: such rows
+    tokens. The suffix's first token is the template's end of turn; a response that ends with a stop token (slot
+    `stop_slot`) puts that slot's embedding in its place, so the end of the response is read -- and receives
+    gradient -- exactly where the discrete path has its end of turn. Pads sit after the prefix rather than at the far left so that no query row is fully masked: such rows
     are NaN-prone on some SDPA kernels, while a hidden pad behind the prefix changes nothing for the visible ones.
 
     The constructor embeds the fixed parts; a call only scatters the response in and runs the RM.
@@ -158,6 +160,7 @@ class EmbeddingScorer:
         fixed_ids = torch.full((batch, width), reward_model.pad_token_id, dtype=torch.long)
         fixed_mask = torch.zeros((batch, width), dtype=torch.bool)
         slot_columns = torch.empty((batch, num_slots), dtype=torch.long)
+        end_of_turn_columns = torch.empty(batch, dtype=torch.long)
         for i, (prefix, suffix) in enumerate(parts):
             slots_start = width - len(suffix) - num_slots
             fixed_ids[i, : len(prefix)] = prefix
@@ -165,12 +168,14 @@ class EmbeddingScorer:
             fixed_mask[i, : len(prefix)] = True
             fixed_mask[i, width - len(suffix) :] = True
             slot_columns[i] = torch.arange(slots_start, slots_start + num_slots)
+            end_of_turn_columns[i] = width - len(suffix)
         device = reward_model.device
         with torch.no_grad():
             embeds = reward_model.input_embeddings(fixed_ids.to(device))
         self.base_embeds = embeds * fixed_mask.to(device).unsqueeze(-1)  # [B, T, d_RM], zeros at pads and slots
         self.base_mask = fixed_mask.to(device)  # [B, T]
         self.slot_columns = slot_columns.to(device)  # [B, L]
+        self.end_of_turn_columns = end_of_turn_columns.to(device)  # [B], the suffix's first column
         self.rows = torch.arange(batch, device=device).unsqueeze(1).expand(batch, num_slots)  # [B, L]
 
     @staticmethod
@@ -195,11 +200,20 @@ class EmbeddingScorer:
     def num_slots(self) -> int:
         return self.slot_columns.shape[1]
 
-    def __call__(self, response_embeds: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    @property
+    def input_shape(self) -> tuple[int, int]:
+        """[rows, columns] of every reward-model forward this scorer runs (for cost accounting)."""
+        return tuple(self.base_mask.shape)
+
+    def __call__(self, response_embeds: torch.Tensor, keep: torch.Tensor,
+                 stop_slot: torch.Tensor | None = None) -> torch.Tensor:
         """Rewards [B] float32 (on `response_embeds`' device) of response embeddings [B, L, d_RM].
 
-        keep [B, L] bool marks the slots the RM sees (False from the first EOS/end-of-turn on: the template suffix
-        ends the turn). Gradients flow to `response_embeds`; they are exactly zero at keep=False slots.
+        keep [B, L] bool marks the response slots the RM sees (those before the first EOS/end-of-turn).
+        stop_slot [B] long, optional: the slot holding the first stop token (L or more: none); its embedding stands in
+        for the template's end-of-turn token, so it is read and receives gradient there. Without it (or for rows
+        without a stop) the template's own end of turn ends the response. Gradients flow to `response_embeds`;
+        they are exactly zero at slots that are neither kept nor a row's stop slot.
         """
         expected = tuple(self.slot_columns.shape)
         if tuple(response_embeds.shape[:2]) != expected or tuple(keep.shape) != expected:
@@ -209,6 +223,14 @@ class EmbeddingScorer:
             )
         values = response_embeds.to(self.base_embeds.device, self.base_embeds.dtype)
         embeds = self.base_embeds.index_put((self.rows, self.slot_columns), values)
+        if stop_slot is not None:
+            stop_slot = stop_slot.to(embeds.device)
+            batch = torch.arange(len(stop_slot), device=embeds.device)
+            stop_embeds = values[batch, stop_slot.clamp(max=self.num_slots - 1)]  # [B, d]
+            template_end = embeds[batch, self.end_of_turn_columns]
+            ends_with_stop = (stop_slot < self.num_slots).unsqueeze(-1)
+            embeds = embeds.index_put((batch, self.end_of_turn_columns),
+                                      torch.where(ends_with_stop, stop_embeds, template_end))
         mask = self.base_mask.index_put((self.rows, self.slot_columns), keep.to(self.base_mask.device, torch.bool))
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         logits = self.model(inputs_embeds=embeds, attention_mask=mask.long(), position_ids=position_ids).logits

@@ -85,6 +85,12 @@ class RewardTemplate:
         """Discrete view: ids of the whole rendered conversation."""
         return self.encode(self.render(prompt, completion))
 
+    @property
+    def end_of_turn_id(self) -> int:
+        """The token the template writes right after the assistant's content (Qwen3: `<|im_end|>`): the first token
+        of the split view's suffix. Guidance puts the first stop slot of a response in its place."""
+        return int(self.split_ids("x")[1][0])
+
     def split_ids(self, prompt: Prompt) -> tuple[torch.Tensor, torch.Tensor]:
         """Split view (cached per prompt): ids of the template before and after the assistant's content.
 

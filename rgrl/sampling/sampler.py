@@ -19,12 +19,16 @@ import torch
 from rgrl.distributions import nucleus, sample_tokens, uniforms
 from rgrl.guidance import GuidanceStats, RewardGuidance
 from rgrl.models.family import DiffusionFamily
+from rgrl.models.flops import TransformerShape, soft_embedding_flops
 from rgrl.models.layers import PromptCache
 from rgrl.sampling.confidence import CONFIDENCE_RULES, confidence
 from rgrl.sampling.schedules import SCHEDULES, reveal_plan
 
 # Ranks a deprioritised (stop-token) slot below every other slot but above slots that cannot be revealed.
 _DEPRIORITIZED = -1e9
+# Which drawn tokens `deprioritize_eos` holds back: the tokenizer's EOS only (Dream's pad-like <|endoftext|>, as the
+# paper's reference sampler), or also the chat template's end of turn (<|im_end|>, <|eot_id|>).
+DEPRIORITIZED_TOKEN_SETS = ("eos", "eos_and_end_of_turn")
 
 
 @dataclass
@@ -40,7 +44,8 @@ class SamplerConfig:
     temperature: float = 0.7  # τ
     top_p: float | None = 0.95
     top_k: int | None = None
-    deprioritize_eos: bool = True  # slots whose drawn token ends the completion are revealed last
+    deprioritize_eos: bool = True  # slots whose drawn token is in `deprioritized_tokens` are revealed last
+    deprioritized_tokens: Literal["eos", "eos_and_end_of_turn"] = "eos"  # "eos": the tokenizer's EOS only
     confidence_from: Literal["guided", "unguided"] = "guided"
     eps: float = 1e-3  # Dream schedule's final timestep
     max_prompt_length: int | None = None  # longer prompts keep their last tokens
@@ -56,6 +61,9 @@ class SamplerConfig:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}.")
         if self.alg not in CONFIDENCE_RULES:
             raise ValueError(f"alg must be one of {CONFIDENCE_RULES}, got {self.alg!r}.")
+        if self.deprioritized_tokens not in DEPRIORITIZED_TOKEN_SETS:
+            raise ValueError(f"deprioritized_tokens must be one of {DEPRIORITIZED_TOKEN_SETS}, got "
+                             f"{self.deprioritized_tokens!r}.")
         if self.confidence_from not in ("guided", "unguided"):
             raise ValueError(f"confidence_from must be 'guided' or 'unguided', got {self.confidence_from!r}.")
         if self.steps < 1 or self.completion_length < 1:
@@ -75,6 +83,9 @@ class GenerationStats:
 
     rows: int = 0
     dllm_forwards: int = 0  # batched forward passes (each row got this many)
+    dllm_tokens: int = 0  # Σ over forwards of rows × positions run (fewer with a reused prompt cache)
+    dllm_attention_pairs: int = 0  # Σ over forwards of rows × queries × keys
+    dllm_head_rows: int = 0  # Σ over forwards of the masked slots sent through the LM head
     seconds: float = 0.0
     guidance: GuidanceStats = field(default_factory=GuidanceStats)
 
@@ -166,8 +177,8 @@ class DiffusionSampler:
             guidance_generator = generator
             if self.guidance.device != device:
                 guidance_generator = torch.Generator(self.guidance.device).manual_seed(seed + 1)
-            guide = self.guidance.bind(prompts, length, family.stop_token_ids, config.temperature, config.top_p,
-                                       config.top_k, guidance_generator)
+            guide = self.guidance.bind(prompts, length, config.temperature, config.top_p, config.top_k,
+                                       guidance_generator)
 
         was_training = self.model.training
         self.model.eval()  # no dropout (LoRA included) in rollouts
@@ -210,13 +221,41 @@ class DiffusionSampler:
         slots = canvas[:, -config.completion_length:]
         masked = slots == self.family.mask_token_id
         logits = self._masked_logits(canvas, attention_mask, masked, prompt_cache)  # [N, V]
+        queries = canvas.shape[1] - (prompt_cache.length if prompt_cache and not prompt_cache.filling else 0)
         stats.dllm_forwards += 1
+        stats.dllm_tokens += canvas.shape[0] * queries
+        stats.dllm_attention_pairs += canvas.shape[0] * queries * canvas.shape[1]
+        stats.dllm_head_rows += logits.shape[0]
         guided = logits
         if guide is not None:
             unguided = logits.clone() if config.confidence_from == "unguided" else logits
             guided = guide(logits, slots, masked, stats.guidance)  # may update logits in place
             logits = unguided
         self._reveal(slots, masked, guided, logits, step, generator)
+
+    def generation_flops(self, stats: GenerationStats) -> dict[str, int]:
+        """FLOPs one generation spent (`rgrl.models.flops` counts, from the models' shapes and the widths run):
+        "dllm" for the dLLM forwards (blocks over the positions run, LM head on the masked slots), "guidance" for
+        the reward model's forward+backward passes (and the measure_gain forwards) with the soft-embedding products
+        that feed them."""
+        dllm = TransformerShape.from_config(self.model.config)
+        flops = {"dllm": dllm.linear_flops(1, stats.dllm_tokens) + dllm.attention_flops(1, stats.dllm_attention_pairs, 1)
+                 + dllm.head_flops(stats.dllm_head_rows)}
+        guidance = stats.guidance
+        if self.guidance is None or not guidance.steps:
+            flops["guidance"] = 0
+            return flops
+        rm = TransformerShape.from_config(self.guidance.reward_model.model.config, head_rows=1)
+        rows, columns = guidance.rm_input_shape
+        vocab_rows, embedding_dim = self.guidance.embedding_matrix.shape
+        forward = rm.forward_flops(rows, columns)
+        flops["guidance"] = (
+            guidance.rm_forward_backward * (forward + rm.input_backward_flops(rows, columns))
+            + guidance.rm_forward * forward
+            + soft_embedding_flops(guidance.relaxed_positions, vocab_rows, embedding_dim, backward=True)
+            + soft_embedding_flops(guidance.relaxed_positions_forward, vocab_rows, embedding_dim, backward=False)
+        )
+        return flops
 
     def decode(self, completion_ids: torch.Tensor) -> list[str]:
         """Completion texts, cut before the first stop token, special tokens skipped."""
@@ -252,8 +291,10 @@ class DiffusionSampler:
             uniform = torch.rand(scores.shape, generator=generator, device=scores.device, dtype=scores.dtype)
             scores = scores / config.alg_temp - torch.log(-torch.log(uniform.clamp_min(1e-20)))
         if config.deprioritize_eos:
-            stop_ids = torch.tensor(self.family.stop_token_ids, device=ids.device)
-            scores = torch.where(torch.isin(ids, stop_ids), scores + _DEPRIORITIZED, scores)
+            family = self.family
+            held_back = (family.eos_token_id,) if config.deprioritized_tokens == "eos" else family.stop_token_ids
+            scores = torch.where(torch.isin(ids, torch.tensor(held_back, device=ids.device)),
+                                 scores + _DEPRIORITIZED, scores)
 
         ranking = torch.full(slots.shape, -math.inf, dtype=scores.dtype, device=slots.device)
         ranking[masked] = scores

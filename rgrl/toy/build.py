@@ -538,7 +538,8 @@ def build(out_dir: str | os.PathLike = DEFAULT_OUT, quick: bool = False, config:
             entry["base"] = asdict(base)
             message = f"{name}: sampled pass rate {base.pass_rate:.3f}"
             for method in GUIDED_EVALS if config.guided_eval else ():
-                guidance = RewardGuidance(GuidanceConfig(method=method, steps=1, lr=0.5), reward_model, bridge)
+                guidance = RewardGuidance(GuidanceConfig(method=method, steps=1, lr=0.5), reward_model, bridge,
+                                          family.stop_token_ids)
                 guided = sample_quality(model, tokenizer, family, eval_prompts, seed=config.seed,
                                         reward_model=reward_model, guidance=guidance)
                 entry[f"{method}_m1"] = asdict(guided)

@@ -3,7 +3,8 @@
 `metrics.jsonl` mirrors the Trainer's log history (one object per log call, with its `step`); it is rewritten
 from that history, so a resumed run continues the file of its checkpoint instead of duplicating steps.
 `training_curves.png` plots the main metrics (train and eval side by side) on every save, evaluation and at
-the end of training. Only the main process writes; both files are replaced atomically.
+the end of training, with one panel per reward function (`rewards/<name>/mean`: e.g. a ground-truth checker
+logged with weight 0) after the combined reward. Only the main process writes; both files are replaced atomically.
 """
 
 from __future__ import annotations
@@ -50,15 +51,22 @@ def write_metrics(log_history: list[dict], path: str) -> None:
     _replace_atomically(path, lambda handle: handle.write(lines.encode()))
 
 
+def plotted_metrics(log_history: list[dict]) -> list[str]:
+    """PLOTTED_METRICS with every reward function's `rewards/<name>/mean` right after `reward`."""
+    reward_functions = sorted({key.removeprefix("eval_") for entry in log_history for key in entry
+                               if key.removeprefix("eval_").startswith("rewards/") and key.endswith("/mean")})
+    return [PLOTTED_METRICS[0], *reward_functions, *PLOTTED_METRICS[1:]]
+
+
 def plot_curves(log_history: list[dict], path: str, title: str = "") -> bool:
-    """Plot PLOTTED_METRICS against the step; returns False when nothing is plottable yet."""
+    """Plot `plotted_metrics` against the step; returns False when nothing is plottable yet."""
     from matplotlib.figure import Figure  # Agg canvas, no pyplot state
 
     def series(name):
         points = [(e["step"], e[name]) for e in log_history if isinstance(e.get(name), (int, float))]
         return [p for p in points if math.isfinite(p[1])]
 
-    panels = [name for name in PLOTTED_METRICS if series(name) or series(f"eval_{name}")]
+    panels = [name for name in plotted_metrics(log_history) if series(name) or series(f"eval_{name}")]
     if not panels:
         return False
     columns = min(3, len(panels))

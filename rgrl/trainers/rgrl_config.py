@@ -8,6 +8,7 @@ from rgrl.trainers.base import MaskedDiffusionConfig
 from rgrl.trainers.likelihood import ESTIMATORS
 
 SAMPLE_WEIGHTINGS = ("uniform", "softmax", "best_of_k")
+LOSS_NORMALIZERS = ("num_generations", "num_completions")
 
 
 @dataclass
@@ -20,6 +21,10 @@ class RGRLConfig(MaskedDiffusionConfig):
         sample_weighting_beta: β of the softmax weighting.
         likelihood_estimator: "one_step" (completion fully masked, prompt masked with p_mask_prompt; the paper's)
             or "elbo" (mask rate t ~ U(0,1) on the completion, masked positions weighted 1/t).
+        loss_normalizer: what the micro-batch's summed, weighted log-likelihoods are divided by: "num_generations"
+            (K, the paper's reference: a sum over prompts of each prompt's mean over its K completions) or
+            "num_completions" (the rows of the micro-batch: a mean). They differ by the number of prompts per
+            micro-batch; with Adam that matters only through gradient clipping (`max_grad_norm`).
 
     RGRL has no ratio, clipping or KL: `beta` must be 0 and `num_iterations` 1, and GRPO's loss options
     (`loss_type`, `epsilon`, `epsilon_high`, `scale_rewards`, `use_bias_correction_kl`) must stay unset.
@@ -31,6 +36,9 @@ class RGRLConfig(MaskedDiffusionConfig):
     )
     sample_weighting_beta: float = field(default=1.0, metadata={"help": "Temperature β of softmax(r/β)."})
     likelihood_estimator: str = field(default="one_step", metadata={"help": "one_step or elbo."})
+    loss_normalizer: str = field(
+        default="num_generations", metadata={"help": "num_generations (K, the paper's) or num_completions (a mean)."}
+    )
     scale_rewards: str = field(default="none", metadata={"help": "Unused by RGRL."})
 
     def __post_init__(self):
@@ -41,6 +49,8 @@ class RGRLConfig(MaskedDiffusionConfig):
             raise ValueError(f"sample_weighting_beta must be > 0, got {self.sample_weighting_beta}.")
         if self.likelihood_estimator not in ESTIMATORS:
             raise ValueError(f"likelihood_estimator must be one of {ESTIMATORS}, got {self.likelihood_estimator!r}.")
+        if self.loss_normalizer not in LOSS_NORMALIZERS:
+            raise ValueError(f"loss_normalizer must be one of {LOSS_NORMALIZERS}, got {self.loss_normalizer!r}.")
         if self.beta != 0.0:
             raise ValueError(f"RGRL has no KL term: beta must be 0, got {self.beta}.")
         if self.num_iterations != 1:
