@@ -134,6 +134,7 @@ class LinearReward:
 class LinearScorer:
     def __init__(self, reward, rows, num_slots):
         self.reward, self.num_slots, self.input_shape = reward, num_slots, (rows, num_slots + 1)
+        self.cached_columns = 0
 
     def __call__(self, embeds, keep, stop_slot):
         self.reward.calls += 1

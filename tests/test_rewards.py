@@ -7,9 +7,9 @@ import torch
 from tokenizers import processors
 from transformers import AutoModelForSequenceClassification
 
-from rgrl.models.loading import resolve_checkpoint
+from rgrl.models.loading import DLLMConfig, resolve_checkpoint
 from rgrl.models.tiny import build_tokenizer
-from rgrl.rewards import RewardModel, RewardTemplate, TemplateError
+from rgrl.rewards import RewardModel, RewardModelConfig, RewardTemplate, TemplateError
 
 PROMPTS = [
     "Hi",
@@ -206,3 +206,30 @@ def test_unusable_templates_are_reported(template, problem):
     tokenizer.chat_template = template
     with pytest.raises(TemplateError, match=problem):
         RewardTemplate(tokenizer).split_ids("hi")
+
+
+@pytest.mark.parametrize("path", ["tiny:rm", "tiny:rm_mismatched"])
+def test_the_prompt_prefix_cache_gives_the_uncached_scores_and_gradients(path):
+    """A causal reward model's columns before the first response slot are run once per scorer; every call then runs
+    only the rest against their keys/values — equal to running every column, values and gradients."""
+    reward_model = RewardModelConfig(path=path, dtype="float32").load("cpu")
+    prompts = ["Tell me about the ocean.", "Hi", "Write a long story about a dog and a cat please."]
+    scorer = reward_model.embedding_scorer(prompts, 6)
+    assert 0 < scorer.cached_columns <= int(scorer.slot_columns[:, 0].min())
+    embeds = reward_model.input_embeddings(torch.randint(5, 100, (3, 6))).detach().requires_grad_(True)
+    keep = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1], [1, 0, 0, 0, 0, 0]], dtype=torch.bool)
+    stop_slot = torch.tensor([3, 6, 1])
+    cached = scorer(embeds, keep, stop_slot)
+    (cached_grad,) = torch.autograd.grad(cached.sum(), embeds)
+    scorer.prefix_cache = None  # every column again
+    full = scorer(embeds, keep, stop_slot)
+    (full_grad,) = torch.autograd.grad(full.sum(), embeds)
+    torch.testing.assert_close(cached, full, atol=1e-6, rtol=0)
+    torch.testing.assert_close(cached_grad, full_grad, atol=1e-6, rtol=0)
+
+
+def test_a_bidirectional_model_is_never_prefix_cached():
+    from rgrl.rewards.reward_model import _cache_argument
+
+    dllm = DLLMConfig(path="tiny:dream", dtype="float32").load("cpu")  # its attention is not causal
+    assert _cache_argument(dllm.model) is None

@@ -119,7 +119,8 @@ class GuidanceStats:
     reward_after_sum: float = 0.0  # ... and after them (only when measure_gain)
     rm_forward_backward: int = 0
     rm_forward: int = 0
-    rm_input_shape: tuple[int, int] = (0, 0)  # [rows, columns] of every RM pass of this generation
+    rm_input_shape: tuple[int, int] = (0, 0)  # [rows, columns] of every RM input of this generation
+    rm_cached_columns: int = 0  # leading columns run once per generation and reused from the key/value cache
     relaxed_positions: int = 0  # Σ over RM forward+backward passes of the masked positions N (rows of φ)
     relaxed_positions_forward: int = 0  # ... over the measure_gain forwards
     seconds: float = 0.0
@@ -238,6 +239,7 @@ class GuidanceHook:
             stats.steps += 1
             stats.rm_forward_backward += config.steps
             stats.rm_input_shape = self.scorer.input_shape
+            stats.rm_cached_columns = self.scorer.cached_columns
             stats.relaxed_positions += config.steps * phi.shape[0]
             if config.measure_gain:
                 stats.reward_after_sum += self.rewards(phi, self.proposals(phi)[0], tokens, masked).mean().item()

@@ -79,15 +79,18 @@ class TransformerShape:
         """The output head on `positions` positions in all."""
         return 2 * self.hidden_size * self.head_rows * positions
 
-    def forward_flops(self, rows: int, width: int, head_positions: int | None = None) -> int:
-        """One forward over [rows, width]; the head on `head_positions` per row (default: every position)."""
+    def forward_flops(self, rows: int, width: int, head_positions: int | None = None, keys: int | None = None) -> int:
+        """One forward over [rows, width]; the head on `head_positions` per row (default: every position); `keys`
+        positions attended to (default `width`; more when earlier positions come from a key/value cache)."""
         per_row = width if head_positions is None else head_positions
-        return self.linear_flops(rows, width) + self.attention_flops(rows, width) + self.head_flops(rows * per_row)
+        return (self.linear_flops(rows, width) + self.attention_flops(rows, width, keys)
+                + self.head_flops(rows * per_row))
 
-    def input_backward_flops(self, rows: int, width: int, head_positions: int | None = None) -> int:
+    def input_backward_flops(self, rows: int, width: int, head_positions: int | None = None,
+                             keys: int | None = None) -> int:
         """The backward of `forward_flops` into the inputs only (frozen weights)."""
         per_row = width if head_positions is None else head_positions
-        return (self.linear_flops(rows, width) + 2 * self.attention_flops(rows, width)
+        return (self.linear_flops(rows, width) + 2 * self.attention_flops(rows, width, keys)
                 + self.head_flops(rows * per_row))
 
     @property

@@ -13,11 +13,12 @@ template's last real token (trailing pad-id tokens of the template are dropped, 
 
 from __future__ import annotations
 
+import inspect
 import logging
 import warnings
 
 import torch
-from transformers import AutoConfig, AutoModelForSequenceClassification
+from transformers import AutoConfig, AutoModelForSequenceClassification, DynamicCache
 
 from rgrl.models.loading import load_tokenizer, resolve_checkpoint, torch_dtype
 from rgrl.rewards.template import Prompt, RewardTemplate
@@ -143,10 +144,14 @@ class EmbeddingScorer:
     the positions they would have in discrete scoring and the result equals `RewardModel.score` on the kept
     tokens. The suffix's first token is the template's end of turn; a response that ends with a stop token (slot
     `stop_slot`) puts that slot's embedding in its place, so the end of the response is read -- and receives
-    gradient -- exactly where the discrete path has its end of turn. Pads sit after the prefix rather than at the far left so that no query row is fully masked: such rows
-    are NaN-prone on some SDPA kernels, while a hidden pad behind the prefix changes nothing for the visible ones.
+    gradient -- exactly where the discrete path has its end of turn. Pads sit after the prefix rather than at the far
+    left so that no query row is fully masked: such rows are NaN-prone on some SDPA kernels, while a hidden pad behind
+    the prefix changes nothing for the visible ones.
 
-    The constructor embeds the fixed parts; a call only scatters the response in and runs the RM.
+    The constructor embeds the fixed parts and, for a causal reward model (every attention module `is_causal`, and a
+    forward that takes `past_key_values`), runs the columns before the first response slot once and keeps their
+    keys/values: nothing after them can change them, so every call runs only the remaining columns against that
+    cache — the same scores and gradients for a fraction of the compute. Other reward models run all columns.
     """
 
     def __init__(self, reward_model: RewardModel, prompts: list[Prompt], num_slots: int):
@@ -177,6 +182,15 @@ class EmbeddingScorer:
         self.slot_columns = slot_columns.to(device)  # [B, L]
         self.end_of_turn_columns = end_of_turn_columns.to(device)  # [B], the suffix's first column
         self.rows = torch.arange(batch, device=device).unsqueeze(1).expand(batch, num_slots)  # [B, L]
+        self.cache_argument = _cache_argument(self.model)
+        self.cached_columns = int(slot_columns[:, 0].min()) if self.cache_argument else 0
+        self.prefix_cache = None  # per layer (keys, values) of the first `cached_columns` columns
+        if self.cached_columns:
+            mask = self.base_mask[:, : self.cached_columns]
+            with torch.no_grad():
+                out = self.model(inputs_embeds=self.base_embeds[:, : self.cached_columns], attention_mask=mask.long(),
+                                 position_ids=(mask.cumsum(-1) - 1).clamp(min=0), use_cache=True)
+            self.prefix_cache = [(keys, values) for keys, values, *_ in out[self.cache_argument]]
 
     @staticmethod
     def _fit(reward_model: RewardModel, prefix: torch.Tensor, suffix: torch.Tensor, num_slots: int):
@@ -233,8 +247,25 @@ class EmbeddingScorer:
                                       torch.where(ends_with_stop, stop_embeds, template_end))
         mask = self.base_mask.index_put((self.rows, self.slot_columns), keep.to(self.base_mask.device, torch.bool))
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = self.model(inputs_embeds=embeds, attention_mask=mask.long(), position_ids=position_ids).logits
+        if self.prefix_cache is None:
+            logits = self.model(inputs_embeds=embeds, attention_mask=mask.long(), position_ids=position_ids).logits
+        else:
+            start = self.cached_columns
+            logits = self.model(inputs_embeds=embeds[:, start:], attention_mask=mask.long(),
+                                position_ids=position_ids[:, start:], use_cache=True,
+                                **{self.cache_argument: DynamicCache(self.prefix_cache)}).logits
         return logits[:, 0].to(response_embeds.device, torch.float32)
+
+
+def _cache_argument(model) -> str | None:
+    """The name under which the model's forward takes a key/value cache (`cache` in transformers 5, formerly
+    `past_key_values`) when a later column can never change an earlier one's keys/values — every attention module
+    is causal (Qwen3 and other decoder classifiers) — else None (e.g. BERT-style encoders)."""
+    causal = [module.is_causal for module in model.modules() if hasattr(module, "is_causal")]
+    if not causal or not all(flag is True for flag in causal):
+        return None
+    parameters = inspect.signature(type(model).forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in parameters), None)
 
 
 def _check_one_label(config, name: str | None = None) -> None:

@@ -247,10 +247,13 @@ class DiffusionSampler:
             return flops
         rm = TransformerShape.from_config(self.guidance.reward_model.model.config, head_rows=1)
         rows, columns = guidance.rm_input_shape
+        cached = guidance.rm_cached_columns  # run once (prefix_forward), then attended to by every pass
         vocab_rows, embedding_dim = self.guidance.embedding_matrix.shape
-        forward = rm.forward_flops(rows, columns)
+        forward = rm.forward_flops(rows, columns - cached, keys=columns)
+        prefix_forward = rm.forward_flops(rows, cached) if cached else 0
         flops["guidance"] = (
-            guidance.rm_forward_backward * (forward + rm.input_backward_flops(rows, columns))
+            prefix_forward
+            + guidance.rm_forward_backward * (forward + rm.input_backward_flops(rows, columns - cached, keys=columns))
             + guidance.rm_forward * forward
             + soft_embedding_flops(guidance.relaxed_positions, vocab_rows, embedding_dim, backward=True)
             + soft_embedding_flops(guidance.relaxed_positions_forward, vocab_rows, embedding_dim, backward=False)
