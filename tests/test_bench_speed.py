@@ -1,7 +1,8 @@
-"""`python -m rgrl.bench speed`: its instruments and a run at the tiny shape against the naive guidance."""
+"""`python -m rgrl.bench speed` and `cache`: their instruments, and runs at the smallest scale."""
 
 import json
 
+import pytest
 import torch
 
 from rgrl.bench import main
@@ -24,7 +25,7 @@ def test_paper_rollout_model_adds_up_and_counts_the_head_on_masked_slots_only():
 
 
 def test_speed_bench_at_the_tiny_shape_matches_the_naive_guidance(tmp_path):
-    main(["speed", "--shapes", "tiny", "--repeats", "1", "--oracle", "--out", str(tmp_path)])
+    main(["speed", "--shapes", "tiny", "--repeats", "1", "--oracle", "--rollout", "4", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "speed.json").read_text())
     (tiny,) = report["shapes"]
     parts = {row["part"] for row in tiny["parts"]}
@@ -33,3 +34,15 @@ def test_speed_bench_at_the_tiny_shape_matches_the_naive_guidance(tmp_path):
     assert tiny["agreement"]["same_argmax"] and tiny["agreement"]["max_abs_phi_difference"] < 1e-3  # of steps of size η = 0.5
     assert "| guided_step |" in (tmp_path / "speed.md").read_text()
     assert (tmp_path / "speed.csv").read_text().count("\ntiny,") == len(parts)
+    exact, cached = tiny["rollout"]
+    assert exact["variant"] == "exact" and cached["variant"] == "prompt cache r=4"
+    assert cached["flop_ratio"] > 1  # reused prompt keys/values: fewer counted FLOPs for the same steps
+
+
+@pytest.mark.slow
+def test_cache_bench_quick_writes_the_report_and_plot(tmp_path):
+    main(["cache", "--quick", "--out", str(tmp_path), "--work", str(tmp_path / "runs")])
+    report = json.loads((tmp_path / "cache.json").read_text())
+    assert list(report["results"]) == ["exact", "prompt cache r=4", "threshold 0.9", "prompt cache r=4 + threshold 0.9"]
+    text = (tmp_path / "cache.md").read_text()
+    assert "| prompt cache r=4 | entrgi |" in text and (tmp_path / "cache.png").stat().st_size > 0

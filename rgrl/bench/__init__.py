@@ -3,6 +3,7 @@
   toy     the paper's claims in the toy world: test-time guidance, an EntRGi ablation, RGRL vs diffu-GRPO (toy.py)
   speed   one denoising step taken apart — dLLM forward, guidance, sampling — at tiny, toy and full-size shapes,
           against the naive guidance, with the FLOP model of a paper-sized rollout (speed.py)
+  cache   the sampler's cache mode (beyond the paper) in the toy world: quality against compute saved (cache.py)
 
 Run from the repository root (the toy benchmark reads recipes/; the speed benchmark's oracle lives in tests/).
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = {"toy": "rgrl.bench.toy", "speed": "rgrl.bench.speed"}
+BENCHMARKS = {"toy": "rgrl.bench.toy", "speed": "rgrl.bench.speed", "cache": "rgrl.bench.cache"}
 
 
 def main(argv: list[str] | None = None) -> None:

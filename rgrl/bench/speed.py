@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slots", type=int, default=None, help="masked completion slots per row (default per shape)")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds; times are medians")
     parser.add_argument("--oracle", action="store_true", help="also run the naive guidance (tests/oracles.py)")
+    parser.add_argument("--rollout", type=int, default=0, metavar="R",
+                        help="also time whole guided rollouts (T = L steps), exact against the cache mode with "
+                             "prompt_cache_refresh R")
     parser.add_argument("--out", default="docs/results", help="where speed.md and speed.csv go")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.layers < 1:
@@ -84,6 +87,8 @@ def main(argv: list[str] | None = None) -> None:
         canvas = (args.rows or rows, args.prompt_length or prompt_length, args.slots or slots)
         setup = build(name, torch.device(args.device), dtype, args.layers, canvas, SETTINGS[args.setting])
         results.append(measure(setup, args.repeats, args.oracle, throughput))
+        if args.rollout:
+            results[-1]["rollout"] = rollouts(setup, args.rollout, args.repeats)
         print(format_shape(results[-1]), flush=True)
         del setup
         gc.collect()
@@ -279,6 +284,31 @@ def measure(setup: Setup, repeats: int, oracle: bool, throughput: float) -> dict
             "agreement": agreement}
 
 
+def rollouts(setup: Setup, refresh: int, repeats: int) -> list[dict]:
+    """Whole guided generations from the setup's prompts, exact and with the prompt cache refreshed every `refresh`
+    steps, interleaved: median wall time, counted FLOPs (`DiffusionSampler.generation_flops`) and the speed-up."""
+    base = setup.sampler
+    length = base.config.completion_length
+    prompt_ids = setup.canvas[:, :-length]
+    variants = {"exact": 0, f"prompt cache r={refresh}": refresh}
+    samplers = {name: DiffusionSampler(base.model, base.tokenizer, base.family,
+                                       dataclasses.replace(base.config, prompt_cache_refresh=r), setup.guidance)
+                for name, r in variants.items()}
+    times, flops = {name: [] for name in variants}, {}
+    for _ in range(repeats):
+        for name, sampler in samplers.items():
+            _synchronize(prompt_ids.device)
+            start = time.perf_counter()
+            out = sampler.denoise(prompt_ids, torch.ones_like(prompt_ids, dtype=torch.bool), setup.prompts, seed=0)
+            _synchronize(prompt_ids.device)
+            times[name].append(time.perf_counter() - start)
+            flops[name] = sum(sampler.generation_flops(out.stats).values())
+    exact = statistics.median(times["exact"])
+    return [{"variant": name, "steps": len(base.plan), "seconds": statistics.median(times[name]),
+             "flops": flops[name], "speedup": exact / statistics.median(times[name]),
+             "flop_ratio": flops["exact"] / flops[name]} for name in variants]
+
+
 def _naive_guidance(hook, logits, slots, masked):
     """The paper's guidance written directly (tests/oracles.py), on the same reward model and proposals."""
     try:
@@ -464,6 +494,11 @@ def format_shape(result: dict) -> str:
                      f"{_fmt(row['floor_fraction'], 2)} | {_fmt(row['traffic_mb_per_position'])} |")
     lines.append("")
     lines.extend(f"- {name.replace('_', ' ')}: {_fmt(value)}" for name, value in result["summary"].items())
+    if result.get("rollout"):
+        lines += ["", "Whole guided rollouts (medians):", "", "| variant | steps | seconds | GFLOP | speed-up | FLOP ratio |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {r['variant']} | {r['steps']} | {_fmt(r['seconds'])} | {_fmt(r['flops'] / 1e9)} | "
+                  f"{_fmt(r['speedup'])} | {_fmt(r['flop_ratio'])} |" for r in result["rollout"]]
     if result["agreement"]:
         lines.append(f"- exact path vs naive at the same seed: max |Δφ| {_fmt(result['agreement']['max_abs_phi_difference'])}, "
                      f"same argmax: {result['agreement']['same_argmax']}")

@@ -1,0 +1,121 @@
+"""`python -m rgrl.bench cache`: what the sampler's cache mode (beyond the paper) costs in quality, in the toy world.
+
+A fixed grid of settings — exact sampling; the prompt's keys/values reused for 4 steps (`prompt_cache_refresh: 4`);
+threshold reveals (`reveal_threshold: 0.9`); both — each runs the toy test-time recipe (recipes/steer_toy_<family>.yaml:
+the same prompts, seeds and K for every setting) with unguided sampling and the three estimators. The report gives,
+per setting and method, Top@1 and Avg@N of the reward model, the ground-truth pass rate of the best sample (mean ±
+SEM over seeds), the counted dLLM forwards and GFLOP per prompt and the wall time, and the change against exact
+sampling; the plot shows the trade-off (compute saved against Top@1 and ground truth). The toy world's prompts are
+short, so the prompt cache saves little compute here: the speed side at paper shapes is `python -m rgrl.bench speed
+--rollout`. `--quick` shrinks everything to a smoke test (numbers meaningless), used by CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+SETTINGS = {  # name -> sampler overrides
+    "exact": [],
+    "prompt cache r=4": ["--sampler.prompt_cache_refresh", "4"],
+    "threshold 0.9": ["--sampler.reveal_threshold", "0.9"],
+    "prompt cache r=4 + threshold 0.9": ["--sampler.prompt_cache_refresh", "4", "--sampler.reveal_threshold", "0.9"],
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m rgrl.bench cache", description=__doc__.split("\n")[0])
+    parser.add_argument("--family", choices=["dream", "llada"], default="dream")
+    parser.add_argument("--out", default="docs/results", help="where cache.md, cache.json and cache.png go")
+    parser.add_argument("--work", default="outputs/bench_cache", help="where the runs' own outputs go")
+    parser.add_argument("--quick", action="store_true", help="a smoke test: 1 seed, 4 prompts, meaningless numbers")
+    args = parser.parse_args(argv)
+    command = "python -m rgrl.bench cache " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    report = run(args.family, Path(args.work), args.quick)
+    report["command"] = command
+    write_report(report, Path(args.out))
+
+
+def run(family: str, work: Path, quick: bool) -> dict:
+    from rgrl import steer
+    from rgrl.recipe import load_recipe
+
+    scale = ["--seeds", "[1]", "--prompts.num_prompts", "4", "--batch_size", "16"] if quick else []
+    results, started = {}, time.time()
+    for name, overrides in SETTINGS.items():
+        output = work / name.replace(" ", "_").replace("=", "").replace("+", "and")
+        recipe = load_recipe(f"recipes/steer_toy_{family}.yaml", steer.SteerRecipe,
+                             [*scale, "--equal_compute_bon", "false", "--output_dir", str(output), *overrides])
+        results[name] = steer.run(recipe)
+    return {"family": family, "settings": SETTINGS, "results": results, "minutes": (time.time() - started) / 60}
+
+
+def _value(cell):
+    return cell[0] if isinstance(cell, (list, tuple)) else cell
+
+
+def _fmt(cell) -> str:
+    if cell is None:
+        return "–"
+    if isinstance(cell, (list, tuple)):
+        return f"{cell[0]:.3f} ± {cell[1]:.3f}"
+    return f"{cell:.3g}" if isinstance(cell, float) else str(cell)
+
+
+def write_report(report: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    exact = {row["method"]: row for row in report["results"]["exact"]}
+    columns = [("Top@1", "top1"), ("Avg@N", "avg"), ("ground truth @best", "ground_truth@best"),
+               ("dLLM forwards / sample", "dllm_forwards_per_sample"), ("GFLOP / prompt", "gflops_per_prompt"),
+               ("s / prompt", "seconds_per_prompt")]
+    lines = ["# Cache mode in the toy world", "",
+             f"`{report['command']}` — {report['family']} family, recipes/steer_toy_{report['family']}.yaml, "
+             f"{report['minutes']:.1f} min. Mean ± SEM over seeds; Δ is against exact sampling, same prompts and seeds.",
+             "", "| setting | method | " + " | ".join(label for label, _ in columns)
+             + " | Δ Top@1 | Δ ground truth | GFLOP vs exact |", "|" + "---|" * (len(columns) + 5)]
+    for name, rows in report["results"].items():
+        for row in rows:
+            base = exact.get(row["method"])
+            delta_top1 = _value(row["top1"]) - _value(base["top1"]) if base else None
+            gt = row.get("ground_truth@best")
+            delta_gt = _value(gt) - _value(base["ground_truth@best"]) if base and gt is not None else None
+            ratio = row["gflops_per_prompt"] / base["gflops_per_prompt"] if base else None
+            lines.append(f"| {name} | {row['method']} | " + " | ".join(_fmt(row.get(key)) for _, key in columns)
+                         + f" | {_fmt(delta_top1)} | {_fmt(delta_gt)} | {_fmt(ratio)} |")
+    (out / "cache.md").write_text("\n".join(lines) + "\n")
+    (out / "cache.json").write_text(json.dumps(report, indent=1, default=list))
+    plot(report, out / "cache.png")
+    print(f"report: {out / 'cache.md'}")
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    exact = {row["method"]: row for row in report["results"]["exact"]}
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, key, label in ((axes[0], "top1", "Top@1 (RM)"), (axes[1], "ground_truth@best", "ground truth @best")):
+        for method, base in exact.items():
+            xs, ys, errors = [], [], []
+            for name, rows in report["results"].items():
+                row = next(r for r in rows if r["method"] == method)
+                if row.get(key) is None:
+                    continue
+                xs.append(base["gflops_per_prompt"] / row["gflops_per_prompt"])
+                ys.append(_value(row[key]))
+                errors.append(row[key][1] if isinstance(row[key], (list, tuple)) else 0.0)
+            ax.errorbar(xs, ys, yerr=errors, marker="o", capsize=3, label=method)
+        ax.set_xlabel("compute saved: exact GFLOP / setting GFLOP")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.suptitle("Cache mode in the toy world: quality against compute saved (one point per setting)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
