@@ -1,4 +1,4 @@
-"""Guidance math (DESIGN.md §3) checked against direct autograd computations, with a linear stand-in reward."""
+"""Guidance math (docs/design.md §3) checked against direct autograd computations, with a linear stand-in reward."""
 
 import math
 from types import SimpleNamespace

@@ -143,8 +143,9 @@ class EmbeddingScorer:
     the positions they would have in discrete scoring and the result equals `RewardModel.score` on the kept
     tokens. The suffix's first token is the template's end of turn; a response that ends with a stop token (slot
     `stop_slot`) puts that slot's embedding in its place, so the end of the response is read -- and receives
-    gradient -- exactly where the discrete path has its end of turn. Pads sit after the prefix rather than at the far left so that no query row is fully masked: such rows
-    are NaN-prone on some SDPA kernels, while a hidden pad behind the prefix changes nothing for the visible ones.
+    gradient -- exactly where the discrete path has its end of turn. Pads sit after the prefix rather than at the
+    far left so that no query row is fully masked: such rows are NaN-prone on some SDPA kernels, while a hidden pad
+    behind the prefix changes nothing for the visible ones.
 
     The constructor embeds the fixed parts; a call only scatters the response in and runs the RM.
     """

@@ -1,4 +1,4 @@
-"""Confidence rules that rank masked positions for revealing (DESIGN.md §2). Higher = revealed earlier.
+"""Confidence rules that rank masked positions for revealing (docs/design.md §2). Higher = revealed earlier.
 
 All rules take, at N masked positions, the distribution the token was drawn from (`probs`, tempered and
 top-p/top-k filtered, [N, V]), the raw logits ([N, V]) and the drawn ids ([N]); they return [N].
