@@ -22,6 +22,19 @@ def test_toy_bench_quick_writes_report_and_plots(tmp_path):
     assert (tmp_path / "toy_test_time.png").stat().st_size > 0
     assert (tmp_path / "toy_training_dream.png").stat().st_size > 0
 
+    # The same parts as parallel processes (--jobs) give the same tables; only measured seconds differ.
+    parallel_dir = tmp_path / "parallel"
+    bench.main(["toy", "--quick", "--families", "dream", "--skip", "training", "--jobs", "2",
+                "--out", str(parallel_dir), "--work", str(parallel_dir / "runs")])
+    parallel = json.loads((parallel_dir / "toy.json").read_text())
+
+    def without_seconds(rows):
+        return [{k: v for k, v in row.items() if "seconds" not in k} for row in rows]
+
+    for section in ("test_time", "ablation"):
+        assert without_seconds(parallel[section]["dream"]) == without_seconds(report[section]["dream"]), section
+    assert parallel["training"] == {} and set(parallel["seconds"]) == {"test_time_dream", "ablation_dream", "total"}
+
 
 def test_training_table_reports_first_last_and_the_best_evaluation_between():
     key = "eval_rewards/ground_truth/mean"

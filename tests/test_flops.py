@@ -40,7 +40,8 @@ def test_shape_reads_the_configs_and_counts_the_weights(models):
     dllm, reward_model, _ = models
     for model, shape in ((dllm.model, TransformerShape.from_config(dllm.model.config)),
                          (reward_model.model, TransformerShape.from_config(reward_model.model.config, head_rows=1))):
-        matrices = sum(m.weight.numel() for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)))
+        matrices = sum(m.weight.numel() for m in model.modules()
+                       if isinstance(m, (torch.nn.Linear, torch.nn.Embedding)))
         assert shape.num_parameters == matrices
         assert shape.weight_bytes(2) == 2 * matrices
 

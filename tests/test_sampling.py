@@ -1,4 +1,4 @@
-"""The denoising loop (DESIGN.md §2): schedules, confidence rules, blocks, EOS deprioritisation, logit shift."""
+"""The denoising loop (docs/design.md §2): schedules, confidence rules, blocks, EOS deprioritisation, logit shift."""
 
 import math
 from types import SimpleNamespace

@@ -229,7 +229,8 @@ def _guided_sample(dllm_path, rm_path, prompts):
     dllm = load_dllm(str(dllm_path), dtype="float32")
     reward_model = RewardModel.from_pretrained(str(rm_path), dtype="float32")
     bridge = VocabBridge(dllm.tokenizer, reward_model.tokenizer, num_rows=dllm.model.config.vocab_size)
-    guidance = RewardGuidance(GuidanceConfig(method="entrgi", steps=1), reward_model, bridge, dllm.family.stop_token_ids)
+    guidance = RewardGuidance(GuidanceConfig(method="entrgi", steps=1), reward_model, bridge,
+                              dllm.family.stop_token_ids)
     sampler = DiffusionSampler(dllm.model, dllm.tokenizer, dllm.family, build.sampler_config(), guidance)
     out = sampler.generate(prompts, num_samples=2, seed=0)
     assert out.completion_ids.shape == (2 * len(prompts), world.RESPONSE_TOKENS)

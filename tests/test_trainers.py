@@ -289,8 +289,8 @@ def test_rgrl_learner_raises_likelihood_of_guided_completions(tmp_path, reward_m
 
 
 def test_rgrl_loss_scale_is_the_references_sum_over_k(tmp_path, reward_model):
-    """Default: −Σ_i a_i·ℓ_i / K over the micro-batch (the paper's reference); `num_completions`: the mean. With 4 rows
-    = 2 prompts × K = 2 they differ by the 2 prompts per micro-batch."""
+    """Default: −Σ_i a_i·ℓ_i / K over the micro-batch (the paper's reference); `num_completions`: the mean.
+    With 4 rows = 2 prompts × K = 2 they differ by the 2 prompts per micro-batch."""
     trainer = make_trainer("rgrl", tmp_path, reward_model)
     model = trainer.model
     model.train()

@@ -15,7 +15,7 @@ recipes in recipes/):
 
 It writes `toy.md` (tables, the exact command, versions, wall time), `toy.json` and PNG plots into `--out`; the runs'
 own outputs (samples, checkpoints) go to `--work`. `--quick` shrinks everything to a smoke test (numbers
-meaningless), used by CI.
+meaningless), used by CI. `--jobs N` runs the six (family, section) parts as N processes at once.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from pathlib import Path
 from statistics import fmean
 
 FAMILIES = ("dream", "llada")
+SECTIONS = ("test_time", "ablation", "training")
 ABLATION_STEPS = (1, 3)
 ABLATION_LRS = (0.25, 0.5, 1.0)
 MEASURE_GAIN = ["--guidance.measure_gain", "true"]  # the report's guidance-gain column; off in the recipes (cost)
@@ -67,14 +68,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", default="outputs/bench_toy", help="where the runs' own outputs go")
     parser.add_argument("--quick", action="store_true", help="a smoke test: tiny sizes, meaningless numbers")
     parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
-    parser.add_argument("--skip", nargs="*", choices=["test_time", "ablation", "training"], default=[])
+    parser.add_argument("--skip", nargs="*", choices=SECTIONS, default=[])
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="run the (family, section) parts in this many processes at once (same results)")
     args = parser.parse_args(argv)
     command = "python -m rgrl.bench toy " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     toy(Path(args.out), Path(args.work), Scale.quick() if args.quick else Scale.full(), args.families,
-        set(args.skip), command)
+        set(args.skip), command, jobs=args.jobs, quick=args.quick)
 
 
-def toy(out: Path, work: Path, scale: Scale, families: list[str], skip: set[str], command: str) -> Path:
+def toy(out: Path, work: Path, scale: Scale, families: list[str], skip: set[str], command: str,
+        jobs: int = 1, quick: bool = False) -> Path:
     import logging
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -82,6 +86,9 @@ def toy(out: Path, work: Path, scale: Scale, families: list[str], skip: set[str]
     start = time.perf_counter()
     report = {"command": command, "versions": versions(), "families": families, "seeds": scale.seeds,
               "num_prompts": scale.num_prompts, "test_time": {}, "ablation": {}, "training": {}, "seconds": {}}
+    if jobs > 1:
+        run_parts_in_parallel(report, work, families, [s for s in SECTIONS if s not in skip], jobs, quick)
+        families = []  # done
     for family in families:
         if "test_time" not in skip:
             t0 = time.perf_counter()
@@ -110,6 +117,29 @@ def toy(out: Path, work: Path, scale: Scale, families: list[str], skip: set[str]
 
 
 # ------------------------------------------------------------------------------------------------ runs
+def run_parts_in_parallel(report: dict, work: Path, families: list[str], sections: list[str], jobs: int,
+                          quick: bool) -> None:
+    """Each (family, section) as its own `python -m rgrl.bench toy` process, `jobs` at a time; their reports are
+    merged into `report`. Every part seeds its own runs, so the numbers are those of the serial benchmark."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def part(family: str, section: str) -> dict:
+        part_dir = work / "parts" / f"{family}_{section}"
+        command = [sys.executable, "-m", "rgrl.bench", "toy", "--families", family, "--out", str(part_dir),
+                   "--work", str(work), "--skip", *[s for s in SECTIONS if s != section], *(["--quick"] * quick)]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"bench part {family}/{section} failed:\n{result.stderr[-4000:]}")
+        return json.loads((part_dir / "toy.json").read_text())
+
+    parts = [(family, section) for family in families for section in sections]
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        results = list(pool.map(lambda args: part(*args), parts))
+    for (family, section), result in zip(parts, results):
+        report[section][family] = result[section][family]
+        report["seconds"][f"{section}_{family}"] = result["seconds"][f"{section}_{family}"]
+
+
 def steer_overrides(scale: Scale, output_dir: Path) -> list[str]:
     return ["--seeds", json.dumps(scale.seeds), "--prompts.num_prompts", str(scale.num_prompts),
             "--output_dir", str(output_dir)]

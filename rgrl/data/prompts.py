@@ -1,4 +1,4 @@
-"""Prompt datasets for training and evaluation (DESIGN.md §5–§6).
+"""Prompt datasets for training and evaluation (docs/design.md §5–§6).
 
 `load_prompts(config, split="train" | "eval", seed=None)` returns a `datasets.Dataset` with TRL's conversational
 prompt column and an id:

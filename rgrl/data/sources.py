@@ -1,4 +1,4 @@
-"""The named prompt sources and what is known about their schemas (DESIGN.md §6).
+"""The named prompt sources and what is known about their schemas (docs/design.md §6).
 
 The Hub is not reachable from the machine this was written on, so the column names and types below come from
 the datasets' cards and from public code that loads them; where each fact was found is noted.

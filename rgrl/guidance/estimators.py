@@ -1,4 +1,4 @@
-"""Reward guidance at one denoising step (DESIGN.md §3): EntRGi, APS and the expectation estimator.
+"""Reward guidance at one denoising step (docs/design.md §3): EntRGi, APS and the expectation estimator.
 
 The dLLM logits φ at the N currently masked positions are optimised for M Adam steps (fresh optimiser every
 denoising step, lr η) to raise a differentiable reward model's score. The reward model reads, at each masked
@@ -33,7 +33,8 @@ class GuidanceConfig:
     steps: int = 3  # M: Adam steps on φ per denoising step
     lr: float = 0.5  # η
     # Log the reward of the updated proposals (guidance/reward_after, reward_gain): one extra RM forward per denoising
-    # step, about a third of guidance's RM compute at M = 1 (a frozen RM's backward costs about one forward).
+    # step, about half of guidance's FLOPs at M = 1 (a frozen RM's input backward costs about one forward), a sixth
+    # at M = 3 (docs/design.md §3).
     measure_gain: bool = False
     chunk_rows: int = 512  # rows of φ [N, V] processed together in the vocabulary-wide operations
 

@@ -106,6 +106,6 @@ class TransformerShape:
 
 
 def soft_embedding_flops(positions: int, vocab_rows: int, embedding_dim: int, backward: bool) -> int:
-    """softmax(φ/τ) @ Ê for `positions` rows of φ [·, V] and Ê [V, d]; with its gradient into φ when `backward`."""
+    """softmax(φ/τ) @ Ê for `positions` rows of φ [·, V] and Ê [V, d]; with the gradient into φ when `backward`."""
     forward = 2 * positions * vocab_rows * embedding_dim
     return 2 * forward if backward else forward

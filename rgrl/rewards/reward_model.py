@@ -149,7 +149,7 @@ class EmbeddingScorer:
     the prefix changes nothing for the visible ones.
 
     The constructor embeds the fixed parts and, for a causal reward model (every attention module `is_causal`, and a
-    forward that takes `past_key_values`), runs the columns before the first response slot once and keeps their
+    forward that takes a key/value cache), runs the columns before the first response slot once and keeps their
     keys/values: nothing after them can change them, so every call runs only the remaining columns against that
     cache — the same scores and gradients for a fraction of the compute. Other reward models run all columns.
     """

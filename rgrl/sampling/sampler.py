@@ -1,4 +1,4 @@
-"""The denoising loop of a masked diffusion LM, with an optional reward-guidance hook (DESIGN.md §2).
+"""The denoising loop of a masked diffusion LM, with an optional reward-guidance hook (docs/design.md §2).
 
 Canvas: [pads | prompt | MASK × L], prompts left-padded and pads hidden by the attention mask. Each step:
 one no-grad dLLM forward → logits aligned with positions (Dream's are shifted) → guidance hook → sample

@@ -1,4 +1,4 @@
-"""How many masked positions each denoising step reveals (DESIGN.md §2).
+"""How many masked positions each denoising step reveals (docs/design.md §2).
 
     dream   Dream's native schedule: timesteps linspace(1, eps, T+1); step i with t = ts[i], s = ts[i+1]
             reveals floor(n_masked · (1 − s/t)) and the last step reveals the rest (T = L = 128: 0, 1, …, 1, 2).

@@ -1,4 +1,4 @@
-"""Configuration of the diffu-GRPO baseline (d1, arXiv 2504.12216; DESIGN.md §5.2)."""
+"""Configuration of the diffu-GRPO baseline (d1, arXiv 2504.12216; docs/design.md §5.2)."""
 
 from __future__ import annotations
 

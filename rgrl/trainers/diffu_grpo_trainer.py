@@ -1,4 +1,4 @@
-"""diffu-GRPO (d1): GRPO for masked diffusion LMs with the one-step log-prob estimator (DESIGN.md §5.2).
+"""diffu-GRPO (d1): GRPO for masked diffusion LMs with the one-step log-prob estimator (docs/design.md §5.2).
 
 Advantages are rewards minus the group mean (std scaling only if asked for). For each rollout, μ = num_iterations
 prompt masks are drawn and stored in the batch; inner iteration j scores the old policy (when needed), the

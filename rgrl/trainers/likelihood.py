@@ -1,4 +1,4 @@
-"""Log-likelihood of completions under a masked diffusion LM, as the learners need it (DESIGN.md §5).
+"""Log-likelihood of completions under a masked diffusion LM, as the learners need it (docs/design.md §5).
 
 A masked diffusion LM has no exact per-token log-likelihood; the learners use one of two estimators, both
 computed in one forward pass on the sampler's canvas `[noised prompt | L completion slots]`:

@@ -1,4 +1,4 @@
-"""Configuration of the RGRL learner (DESIGN.md §5.1)."""
+"""Configuration of the RGRL learner (docs/design.md §5.1)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""RGRL: reward-guided rollouts of the current policy, then a likelihood learner on them (DESIGN.md §5.1).
+"""RGRL: reward-guided rollouts of the current policy, then a likelihood learner on them (docs/design.md §5.1).
 
 Per generation round each process samples K completions per prompt with reward guidance (EntRGi or APS) from
 the current LoRA policy, scores them with the reward functions (logged, and used by the optional weightings),
@@ -10,7 +10,7 @@ and the learner maximises
 with token weights w from the likelihood estimator (1 for the one-step estimator), sample weights a (1 for the
 paper's uniform version) and K completions per prompt: the paper's reference scale, a sum over prompts of each
 prompt's mean. `loss_normalizer: num_completions` divides by the micro-batch's rows instead (a mean). Evaluation
-rollouts are unguided (docs/design.md, "Evaluation").
+rollouts are unguided (docs/design.md §5.3).
 """
 
 from __future__ import annotations
