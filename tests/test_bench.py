@@ -24,7 +24,7 @@ def test_toy_bench_quick_writes_report_and_plots(tmp_path):
 
     # The same parts as parallel processes (--jobs) give the same tables; only measured seconds differ.
     parallel_dir = tmp_path / "parallel"
-    bench.main(["toy", "--quick", "--families", "dream", "--skip", "training", "--jobs", "2",
+    main(["toy", "--quick", "--families", "dream", "--skip", "training", "--jobs", "2",
                 "--out", str(parallel_dir), "--work", str(parallel_dir / "runs")])
     parallel = json.loads((parallel_dir / "toy.json").read_text())
 
