@@ -58,6 +58,13 @@ def _value(cell):
     return cell[0] if isinstance(cell, (list, tuple)) else cell
 
 
+def _difference(cell, base) -> tuple[float, float] | None:
+    """cell − base, each a (mean, SEM) over seeds, with the SEM of a difference of independent means."""
+    if cell is None or base is None:
+        return None
+    return cell[0] - base[0], (cell[1] ** 2 + base[1] ** 2) ** 0.5
+
+
 def _fmt(cell) -> str:
     if cell is None:
         return "–"
@@ -74,16 +81,18 @@ def write_report(report: dict, out: Path) -> None:
                ("s / prompt", "seconds_per_prompt")]
     lines = ["# Cache mode in the toy world", "",
              f"`{report['command']}` — {report['family']} family, recipes/steer_toy_{report['family']}.yaml, "
-             f"{report['minutes']:.1f} min. Mean ± SEM over seeds; Δ is against exact sampling, same prompts and seeds.",
+             f"{report['minutes']:.1f} min. Mean ± SEM over seeds; Δ is against exact sampling (same prompts and seeds), "
+             "± the SEM of a difference of independent means.",
              "", "| setting | method | " + " | ".join(label for label, _ in columns)
              + " | Δ Top@1 | Δ ground truth | GFLOP vs exact |", "|" + "---|" * (len(columns) + 5)]
     for name, rows in report["results"].items():
         for row in rows:
-            base = exact.get(row["method"])
-            delta_top1 = _value(row["top1"]) - _value(base["top1"]) if base else None
-            gt = row.get("ground_truth@best")
-            delta_gt = _value(gt) - _value(base["ground_truth@best"]) if base and gt is not None else None
-            ratio = row["gflops_per_prompt"] / base["gflops_per_prompt"] if base else None
+            base = exact[row["method"]]
+            delta_top1 = delta_gt = None
+            if name != "exact":
+                delta_top1 = _difference(row["top1"], base["top1"])
+                delta_gt = _difference(row.get("ground_truth@best"), base.get("ground_truth@best"))
+            ratio = row["gflops_per_prompt"] / base["gflops_per_prompt"]
             lines.append(f"| {name} | {row['method']} | " + " | ".join(_fmt(row.get(key)) for _, key in columns)
                          + f" | {_fmt(delta_top1)} | {_fmt(delta_gt)} | {_fmt(ratio)} |")
     (out / "cache.md").write_text("\n".join(lines) + "\n")
