@@ -19,6 +19,8 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
+from rgrl.models.loading import safetensors_problem
+
 logger = logging.getLogger(__name__)
 
 MARKER = "rgrl_checkpoint.json"
@@ -74,25 +76,15 @@ def check_checkpoint(checkpoint: str | os.PathLike) -> None:
             raise CheckpointError(f"{path}: {actual} bytes, but {size} when it was written (truncated or "
                                   f"overwritten); {later}.")
     for path in checkpoint.glob("*.safetensors"):
-        check_safetensors(path, later)
+        problem = safetensors_problem(path)
+        if problem:
+            raise CheckpointError(f"{path}: {problem}; {later}.")
     state = checkpoint / "trainer_state.json"
     if state.is_file():
         try:
             json.loads(state.read_text())
         except ValueError as error:
             raise CheckpointError(f"{state}: not valid JSON ({error}); {later}.") from None
-
-
-def check_safetensors(path: Path, fix: str) -> None:
-    """Raise `CheckpointError` naming `path` when its safetensors header or data length is wrong."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            for key in handle.keys():
-                handle.get_slice(key)
-    except Exception as error:  # safetensors raises its own error types (SafetensorError, OSError)
-        raise CheckpointError(f"{path}: not a readable safetensors file ({error}); {fix}.") from None
 
 
 def latest_complete_checkpoint(output_dir: str | os.PathLike) -> Path | None:
