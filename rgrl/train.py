@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import re
 import sys
@@ -74,6 +75,11 @@ class LoraSection:
     alpha: float = 32.0
     dropout: float = 0.1
 
+    def __post_init__(self):
+        if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRA needs r >= 1, alpha > 0 and dropout in [0, 1); got r={self.r}, "
+                             f"alpha={self.alpha}, dropout={self.dropout}.")
+
 
 @dataclass
 class RewardSection:
@@ -87,6 +93,11 @@ class RewardSection:
     max_length: int = 4096
     batch_size: int = 8
     trust_remote_code: bool = False
+
+    def __post_init__(self):
+        if not math.isfinite(self.weight) or self.batch_size < 1 or self.max_length < 1:
+            raise ValueError(f"a reward needs a finite weight, batch_size >= 1 and max_length >= 1; got "
+                             f"weight={self.weight}, batch_size={self.batch_size}, max_length={self.max_length}.")
 
     @property
     def metric_name(self) -> str:
