@@ -391,3 +391,185 @@ def test_collective_failures_are_explained(monkeypatch):
     closed = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:18858. This is")
     assert "lost its connection to another process at 127.0.0.1" in collective_failure(closed, 30)
     assert collective_failure(RuntimeError("CUDA out of memory"), 30) is None
+
+
+# ------------------------------------------------------------------------------------------------ 2 processes (slow)
+# tiny_dream.yaml on 2 processes (4 rows each = 2 prompts × K per step), 3 optimizer steps, no evaluation.
+RUN_SETTINGS = ["--training.max_steps", "3", "--training.per_device_train_batch_size", "4",
+                "--training.eval_strategy", "no", "--data.num_eval_prompts", "0", "--training.save_strategy", "no",
+                "--training.report_to", "none"]
+
+
+def two_process_training(out: Path, *overrides: str) -> list[str]:
+    from tests.test_distributed import accelerate_launch, free_port
+
+    return [*accelerate_launch("multi_gpu.yaml", 2, free_port()), "-m", "rgrl.train", "recipes/tiny_dream.yaml",
+            "--training.output_dir", str(out), *RUN_SETTINGS, *overrides]
+
+
+def two_process_env(**extra) -> dict:
+    from tests.test_distributed import launch_env
+
+    return {**launch_env(True), **extra}
+
+
+def start(command: list[str], env: dict, log: Path) -> subprocess.Popen:
+    """A launch in its own process group (as a scheduler sees a job step), its output in `log`."""
+    with log.open("w") as handle:
+        return subprocess.Popen(command, cwd=REPO, env=env, stdout=handle, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+def wait_for(condition, process: subprocess.Popen, log: Path, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert process.poll() is None, f"the run ended early:\n{log.read_text()[-4000:]}"
+        assert time.monotonic() < deadline, f"timed out:\n{log.read_text()[-4000:]}"
+        time.sleep(0.1)
+
+
+def logged_steps(out: Path) -> list[int]:
+    try:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return []
+    return [entry["step"] for entry in map(json.loads, lines) if "loss" in entry]
+
+
+def worker_pid(launcher: subprocess.Popen, rank: int) -> int:
+    import psutil
+
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        try:
+            if child.environ().get("RANK") == str(rank) and "rgrl.train" in " ".join(child.cmdline()):
+                return child.pid
+        except psutil.NoSuchProcess:
+            continue
+    raise AssertionError(f"no training process of rank {rank}")
+
+
+def final_adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "adapter_model.safetensors")
+
+
+def assert_same_adapter(run: Path, reference: Path) -> None:
+    ours, theirs = final_adapter(run), final_adapter(reference)
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[name], theirs[name]) for name in ours), "the resumed run differs"
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_run(tmp_path_factory):
+    from rgrl.models.tiny import tiny_checkpoint
+
+    for name in ("dream", "rm"):
+        tiny_checkpoint(name)  # built once here, not concurrently by the launched processes
+    out = tmp_path_factory.mktemp("uninterrupted")
+    result = subprocess.run(two_process_training(out), cwd=REPO, env=two_process_env(), capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert logged_steps(out) == [1, 2, 3]
+    return out
+
+
+def resume_last(out: Path) -> None:
+    result = subprocess.run(two_process_training(out, "--training.resume_from_checkpoint", "last"), cwd=REPO,
+                            env=two_process_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert logged_steps(out)[-1] == 3
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_exits_cleanly_and_resumes_to_the_same_adapter(uninterrupted_run, tmp_path):
+    """SIGTERM to every process of the job (what SLURM does on preemption) after step 1: both processes finish
+    their step, save checkpoint-N (complete) and exit 0; no final adapter is written; `last` resumes from it and
+    ends with the adapter of the uninterrupted run, bit for bit."""
+    out, log = tmp_path / "out", tmp_path / "run.log"
+    launcher = start(two_process_training(out), two_process_env(), log)
+    try:
+        wait_for(lambda: logged_steps(out), launcher, log)
+        os.killpg(launcher.pid, signal.SIGTERM)
+        returncode = launcher.wait(timeout=120)
+    finally:
+        with __import__("contextlib").suppress(ProcessLookupError):
+            os.killpg(launcher.pid, signal.SIGKILL)
+    text = log.read_text()
+    (checkpoint,) = out.glob("checkpoint-*")
+    step = int(checkpoint.name.split("-")[1])
+    check_checkpoint(checkpoint)
+    assert text.count("SIGTERM received: saving a checkpoint at the end of the current step") == 2, text[-3000:]
+    assert f"stopped after step {step} with checkpoint-{step} saved" in text
+    assert "exitcode  : 1" not in text and "ChildFailedError" not in text, "a training process failed"
+    assert returncode == 128 + signal.SIGTERM  # the launcher reports the signal it received
+    assert not (out / "adapter_model.safetensors").exists(), "a preempted run writes no final adapter"
+    resume_last(out)
+    assert_same_adapter(out, uninterrupted_run)
+
+
+@pytest.mark.slow
+def test_kill_9_of_one_process_ends_the_job_and_last_resumes_it(uninterrupted_run, tmp_path):
+    """kill -9 of process 1 once checkpoint-1 is complete: the job ends within seconds (the launcher stops the
+    other process); `last` skips any checkpoint the kill cut short and the resumed run equals the uninterrupted
+    one."""
+    out, log = tmp_path / "out", tmp_path / "run.log"
+    launcher = start(two_process_training(out, "--training.save_strategy", "steps", "--training.save_steps", "1"),
+                     two_process_env(), log)
+    try:
+        wait_for(lambda: (out / "checkpoint-1" / "rgrl_checkpoint.json").exists(), launcher, log)
+        killed = time.monotonic()
+        os.kill(worker_pid(launcher, 1), signal.SIGKILL)
+        returncode = launcher.wait(timeout=120)
+        elapsed = time.monotonic() - killed
+    finally:
+        with __import__("contextlib").suppress(ProcessLookupError):
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert returncode != 0 and elapsed < 45, (returncode, elapsed, log.read_text()[-3000:])
+    if not logged_steps(out) or logged_steps(out)[-1] < 3:
+        resume_last(out)
+    assert_same_adapter(out, uninterrupted_run)
+
+
+@pytest.mark.slow
+def test_frozen_process_ends_the_job_within_ddp_timeout(tmp_path):
+    """SIGSTOP on process 1 (alive, not dead): process 0 gives up after training.ddp_timeout = 10 s with a message
+    naming itself and what it waited for, and the launcher ends the job (its shutdown grace set to 3 s)."""
+    from rgrl.models.tiny import tiny_checkpoint
+
+    tiny_checkpoint("dream"), tiny_checkpoint("rm")
+    out, log = tmp_path / "out", tmp_path / "run.log"
+    launcher = start(two_process_training(out, "--training.max_steps", "50", "--training.ddp_timeout", "10"),
+                     two_process_env(TORCH_ELASTIC_SHUTDOWN_TIMEOUT="3"), log)
+    frozen = None
+    try:
+        wait_for(lambda: logged_steps(out), launcher, log)
+        frozen = worker_pid(launcher, 1)
+        stopped = time.monotonic()
+        os.kill(frozen, signal.SIGSTOP)
+        returncode = launcher.wait(timeout=120)  # without a timeout on the gloo group this waits forever
+        elapsed = time.monotonic() - stopped
+    finally:
+        with __import__("contextlib").suppress(ProcessLookupError):
+            os.killpg(launcher.pid, signal.SIGKILL)
+        if frozen is not None:
+            with __import__("contextlib").suppress(ProcessLookupError):
+                os.kill(frozen, signal.SIGKILL)
+    text = log.read_text()
+    assert returncode != 0 and elapsed < 10 + 3 + 20, (elapsed, text[-3000:])
+    assert "error: process 0 of 2 waited more than training.ddp_timeout=10 s during training step" in text, text[-3000:]
+    assert "another process is stuck (frozen" in text
+
+
+@pytest.mark.slow
+def test_offline_hub_dataset_is_reported_once_for_two_processes(tmp_path):
+    from tests.test_distributed import accelerate_launch, free_port
+
+    command = [*accelerate_launch("multi_gpu.yaml", 2, free_port()), "-m", "rgrl.train", "recipes/tiny_dream.yaml",
+               "--training.output_dir", str(tmp_path / "out"), "--data.source", "hub", "--data.path",
+               "some-org/prompts", "--data.field", "prompt", "--data.num_eval_prompts", "0",
+               "--training.eval_strategy", "no"]
+    result = subprocess.run(command, cwd=REPO, env=two_process_env(HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1"),
+                            capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert output.count("error: The Hub dataset 'some-org/prompts' cannot be reached") == 1, output[-3000:]
+    assert "`data.path` to a local copy" in output and "Traceback" not in output.split("ChildFailedError")[0]
