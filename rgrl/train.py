@@ -454,13 +454,13 @@ def collective_failure(error: BaseException, timeout: float, step: int | None = 
     """An explanation of a timed-out or broken collective (gloo's or NCCL's error text), or None for other errors."""
     text = str(error)
     timed_out = re.search(r"Timed out waiting (\d+)ms for (\w+) operation|timed out|Timeout", text)
-    closed = re.search(r"Connection (?:closed|reset) by peer(?: \[?([\w.:\[\]-]+))?", text)
+    closed = re.search(r"Connection (?:closed|reset) by peer(?: \[?([\w.-]+)\]?(:\d+)?)?", text)
     if not (timed_out or closed):
         return None
     rank, world = os.environ.get("RANK", "?"), os.environ.get("WORLD_SIZE", "?")
     at = f" during training step {step}" if step is not None else ""
     if closed:
-        peer = f" at {closed.group(1).rstrip('.')}" if closed.group(1) else ""
+        peer = f" at {closed.group(1)}{closed.group(2) or ''}" if closed.group(1) else ""
         return (f"process {rank} of {world} lost its connection to another process{peer}{at}: that process died "
                 "(see its log for why).")
     operation = f" (a {timed_out.group(2)} operation)" if timed_out.lastindex and timed_out.group(2) else ""

@@ -389,7 +389,7 @@ def test_collective_failures_are_explained(monkeypatch):
     assert text.startswith("process 0 of 2 waited more than training.ddp_timeout=30 s during training step 3")
     assert "(a send operation)" in text
     closed = RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:18858. This is")
-    assert "lost its connection to another process at 127.0.0.1" in collective_failure(closed, 30)
+    assert "lost its connection to another process at 127.0.0.1:18858:" in collective_failure(closed, 30)
     assert collective_failure(RuntimeError("CUDA out of memory"), 30) is None
 
 
@@ -532,13 +532,14 @@ def test_kill_9_of_one_process_ends_the_job_and_last_resumes_it(uninterrupted_ru
 @pytest.mark.slow
 def test_frozen_process_ends_the_job_within_ddp_timeout(tmp_path):
     """SIGSTOP on process 1 (alive, not dead): process 0 gives up after training.ddp_timeout = 10 s with a message
-    naming itself and what it waited for, and the launcher ends the job (its shutdown grace set to 3 s)."""
+    naming itself and what it waited for; the launcher then ends the job, killing the frozen process after its
+    fixed 30 s grace for a failed job (torchrun's)."""
     from rgrl.models.tiny import tiny_checkpoint
 
     tiny_checkpoint("dream"), tiny_checkpoint("rm")
     out, log = tmp_path / "out", tmp_path / "run.log"
     launcher = start(two_process_training(out, "--training.max_steps", "50", "--training.ddp_timeout", "10"),
-                     two_process_env(TORCH_ELASTIC_SHUTDOWN_TIMEOUT="3"), log)
+                     two_process_env(), log)
     frozen = None
     try:
         wait_for(lambda: logged_steps(out), launcher, log)
@@ -554,7 +555,7 @@ def test_frozen_process_ends_the_job_within_ddp_timeout(tmp_path):
             with __import__("contextlib").suppress(ProcessLookupError):
                 os.kill(frozen, signal.SIGKILL)
     text = log.read_text()
-    assert returncode != 0 and elapsed < 10 + 3 + 20, (elapsed, text[-3000:])
+    assert returncode != 0 and elapsed < 10 + 30 + 20, (elapsed, text[-3000:])
     assert "error: process 0 of 2 waited more than training.ddp_timeout=10 s during training step" in text, text[-3000:]
     assert "another process is stuck (frozen" in text
 
@@ -572,4 +573,5 @@ def test_offline_hub_dataset_is_reported_once_for_two_processes(tmp_path):
     output = result.stdout + result.stderr
     assert result.returncode != 0
     assert output.count("error: The Hub dataset 'some-org/prompts' cannot be reached") == 1, output[-3000:]
-    assert "`data.path` to a local copy" in output and "Traceback" not in output.split("ChildFailedError")[0]
+    assert "`data.path` to a local copy" in output
+    assert "rgrl/data/prompts.py" not in output and "datasets/load.py" not in output, "no traceback of rgrl's"
