@@ -23,7 +23,10 @@ A recipe has these sections (see recipes/*.yaml; every key is validated, unknown
 
 Everything is checked before any weights load; `--dry_run` stops there and prints the resolved configuration.
 Outputs in `training.output_dir`: checkpoints, the final LoRA adapter (merge it with `python -m rgrl.merge`),
-metrics.jsonl, training_curves.png and the recipe as run (recipe.yaml).
+metrics.jsonl, training_curves.png and the recipe as run (recipe.yaml, secrets hidden). A non-empty output_dir needs
+`training.resume_from_checkpoint` (a checkpoint folder, or `last`: the newest complete one) or
+`training.overwrite_output_dir: true`. SIGTERM/SIGUSR1 checkpoint at the end of the current step and exit 0;
+docs/reliability.md lists how every fault and bad input is handled.
 """
 
 from __future__ import annotations

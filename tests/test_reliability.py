@@ -10,13 +10,14 @@ same result; a frozen process (SIGSTOP) ends the job within ddp_timeout with a m
 an offline Hub dataset gets one message, not one per process.
 """
 
+import contextlib
 import json
 import math
 import os
 import pickle
+import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,12 +25,13 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from transformers import TrainerCallback
 
 from rgrl.data import PromptDataConfig, check_prompt_file, load_prompts
 from rgrl.recipe import RecipeError, scrub_secret_arguments, without_secrets
 from rgrl.sampling import DiffusionSampler, SamplerConfig
 from rgrl.train import collective_failure, load_training_recipe
-from rgrl.trainers import DiffuGRPOConfig, RGRLConfig
+from rgrl.trainers import RGRLConfig
 from rgrl.trainers.base import total_rewards
 from rgrl.trainers.checkpoints import CheckpointError, check_checkpoint, latest_complete_checkpoint, write_marker
 from tests.test_trainers import K, make_trainer, reward_model  # noqa: F401  (the module fixture)
@@ -116,9 +118,12 @@ def test_non_finite_loss_skips_the_optimizer_step(tmp_path, reward_model):
     trainer._compute_loss = nan_on_first_step
     lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_" in n}
     states = []
-    trainer.add_callback(type("Snapshot", (__import__("transformers").TrainerCallback,), {
-        "on_step_end": lambda self, args, state, control, model=None, **kw: states.append(
-            {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n})})())
+
+    class Snapshot(TrainerCallback):
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            states.append({n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n})
+
+    trainer.add_callback(Snapshot())
     trainer.train()
     after_first, after_second = states
     assert all(torch.equal(after_first[n], lora[n]) for n in lora), "the NaN step moved the weights"
@@ -148,8 +153,6 @@ def checkpointed_run(tmp_path_factory, reward_model):
 
 
 def copy_of(run: Path, tmp_path: Path) -> Path:
-    import shutil
-
     return Path(shutil.copytree(run, tmp_path / "out"))
 
 
@@ -262,8 +265,6 @@ def test_unknown_model_type_says_how_to_set_the_family(tmp_path, at_repo_root):
 
 
 def test_truncated_model_weights_are_named(tmp_path, at_repo_root):
-    import shutil
-
     from rgrl.models.tiny import tiny_checkpoint
 
     model = Path(shutil.copytree(tiny_checkpoint("dream"), tmp_path / "model"))
@@ -318,10 +319,12 @@ def test_hardware_mismatches_are_reported_together(at_repo_root, tmp_path):
     (["--prompts.path", "recipes/data/none.jsonl"], "'prompts.path': no file or folder at"),
 ])
 def test_steer_dry_run_rejects_bad_values(override, expected, at_repo_root):
-    result = subprocess.run([sys.executable, "-m", "rgrl.steer", "recipes/steer_tiny_dream.yaml", "--dry_run",
-                             *override], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode != 0 and expected in result.stderr, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr
+    from rgrl.steer import main as steer
+
+    with pytest.raises(SystemExit) as exit_info:  # sys.exit("error: ..."): a message, no traceback
+        steer(["recipes/steer_tiny_dream.yaml", "--dry_run", *override])
+    assert str(exit_info.value.code).startswith("error: recipes/steer_tiny_dream.yaml: ")
+    assert expected in str(exit_info.value.code)
 
 
 # ------------------------------------------------------------------------------------------------ secrets
@@ -485,13 +488,14 @@ def test_sigterm_checkpoints_exits_cleanly_and_resumes_to_the_same_adapter(unint
     their step, save checkpoint-N (complete) and exit 0; no final adapter is written; `last` resumes from it and
     ends with the adapter of the uninterrupted run, bit for bit."""
     out, log = tmp_path / "out", tmp_path / "run.log"
-    launcher = start(two_process_training(out), two_process_env(), log)
+    # the launcher's grace for its processes to save after a signal: torchrun's 30 s default, raised for loaded CI
+    launcher = start(two_process_training(out), two_process_env(TORCH_ELASTIC_SHUTDOWN_TIMEOUT="180"), log)
     try:
         wait_for(lambda: logged_steps(out), launcher, log)
         os.killpg(launcher.pid, signal.SIGTERM)
-        returncode = launcher.wait(timeout=120)
+        returncode = launcher.wait(timeout=240)
     finally:
-        with __import__("contextlib").suppress(ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(launcher.pid, signal.SIGKILL)
     text = log.read_text()
     (checkpoint,) = out.glob("checkpoint-*")
@@ -521,9 +525,10 @@ def test_kill_9_of_one_process_ends_the_job_and_last_resumes_it(uninterrupted_ru
         returncode = launcher.wait(timeout=120)
         elapsed = time.monotonic() - killed
     finally:
-        with __import__("contextlib").suppress(ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(launcher.pid, signal.SIGKILL)
-    assert returncode != 0 and elapsed < 45, (returncode, elapsed, log.read_text()[-3000:])
+    # the bound leaves room for a loaded machine and for torchrun's 30 s grace before it kills a process
+    assert returncode != 0 and elapsed < 60, (returncode, elapsed, log.read_text()[-3000:])
     if not logged_steps(out) or logged_steps(out)[-1] < 3:
         resume_last(out)
     assert_same_adapter(out, uninterrupted_run)
@@ -549,13 +554,13 @@ def test_frozen_process_ends_the_job_within_ddp_timeout(tmp_path):
         returncode = launcher.wait(timeout=120)  # without a timeout on the gloo group this waits forever
         elapsed = time.monotonic() - stopped
     finally:
-        with __import__("contextlib").suppress(ProcessLookupError):
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(launcher.pid, signal.SIGKILL)
         if frozen is not None:
-            with __import__("contextlib").suppress(ProcessLookupError):
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(frozen, signal.SIGKILL)
     text = log.read_text()
-    assert returncode != 0 and elapsed < 10 + 30 + 20, (elapsed, text[-3000:])
+    assert returncode != 0 and elapsed < 10 + 30 + 30, (elapsed, text[-3000:])
     assert "error: process 0 of 2 waited more than training.ddp_timeout=10 s during training step" in text, text[-3000:]
     assert "another process is stuck (frozen" in text
 

@@ -11,6 +11,10 @@ functions, logging, checkpointing and eval loop. They replace what assumes a cau
   log-probs    `rgrl.trainers.likelihood` instead of TRL's causal path (`_get_per_token_logps_and_entropies`
                is guarded: it would score clean completions visible to a bidirectional model).
 
+  faults       rows without a finite total reward get no signal (and are counted), a NaN/inf loss or gradient
+               skips the optimizer step, a NaN/inf adapter is never saved, SIGTERM/SIGUSR1 checkpoint and stop,
+               checkpoints get a completion marker (`rgrl.trainers.guards`, `rgrl.trainers.checkpoints`).
+
 Subclasses supply `_per_sample_signal`, `_compute_loss` and optionally `_behaviour_log_probs` and `_guidance`.
 Pinned to TRL 1.16: the private methods overridden or called here are listed in `_TRL_PRIVATE_SURFACE`.
 """
@@ -474,7 +478,7 @@ class MaskedDiffusionTrainer(GRPOTrainer, metaclass=abc.ABCMeta):
             metrics["reward_std"].append(nanstd(finite).item() if len(finite) > 1 else 0.0)
         non_finite = int(rewards.isnan().sum())
         metrics["rewards/non_finite"].append(float(non_finite))
-        if non_finite:
+        if non_finite and self.accelerator.is_main_process:
             culprits = [name for i, name in enumerate(self.reward_func_names)
                         if not rewards_per_func[:, i][rewards.isnan()].isfinite().all()]
             logger.warning(f"{non_finite} of {len(rewards)} completions have no finite total reward (NaN/inf from "

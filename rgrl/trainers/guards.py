@@ -63,8 +63,9 @@ class NonFiniteStepGuard(TrainerCallback):
 
     def _count(self, state) -> None:
         self.skipped += 1
-        logger.warning(f"Optimizer step {state.global_step + 1} skipped: the loss or a gradient is NaN/inf on at "
-                       "least one process; the weights are unchanged.")
+        if self.trainer.accelerator.is_main_process:
+            logger.warning(f"Optimizer step {state.global_step + 1} skipped: the loss or a gradient is NaN/inf on "
+                           "at least one process; the weights are unchanged.")
 
     def take_skipped(self) -> int:
         skipped, self.skipped = self.skipped, 0
