@@ -144,6 +144,25 @@ def test_adapter_with_nan_is_never_saved(tmp_path, reward_model):
     assert not (tmp_path / "final" / "adapter_model.safetensors").exists()
 
 
+def test_sigusr1_checkpoints_at_the_next_step_boundary_and_stops(tmp_path, reward_model):
+    """One process: SIGUSR1 arrives during step 1's callbacks (after the preemption check), so training stops at the
+    end of step 2 with a complete checkpoint-2; the previous handler is back afterwards."""
+    trainer = make_trainer("rgrl", tmp_path, reward_model, max_steps=4)
+
+    class SignalDuringStepOne(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                os.kill(os.getpid(), signal.SIGUSR1)
+
+    trainer.add_callback(SignalDuringStepOne())
+    before = signal.getsignal(signal.SIGUSR1)
+    trainer.train()
+    assert trainer.state.global_step == 2 and trainer.preemption.received == "SIGUSR1"
+    assert [p.name for p in tmp_path.glob("checkpoint-*")] == ["checkpoint-2"]
+    check_checkpoint(tmp_path / "checkpoint-2")
+    assert signal.getsignal(signal.SIGUSR1) == before
+
+
 # ------------------------------------------------------------------------------------------------ checkpoints
 @pytest.fixture(scope="module")
 def checkpointed_run(tmp_path_factory, reward_model):
