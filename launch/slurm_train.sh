@@ -1,7 +1,9 @@
 #!/bin/bash
 # Multi-node rgrl training under SLURM: one `accelerate launch` per node (srun, one task per node), each starting
 # one process per GPU; the rendezvous comes from SLURM's variables. Requeued jobs (preemption, or the time limit
-# coming near) resume from the newest complete checkpoint in OUTPUT_DIR.
+# coming near) resume from the newest complete checkpoint in OUTPUT_DIR. Ten minutes before the time limit the
+# script asks the training processes to checkpoint (SIGUSR1), waits for them, and requeues the job; on preemption
+# SLURM sends SIGTERM, which makes them checkpoint at the end of the current step too.
 #
 #   sbatch --nodes=4 launch/slurm_train.sh recipes/wildchat_dream.yaml [--section.key value ...]
 #
@@ -15,6 +17,8 @@
 #   DDP_TIMEOUT         seconds a collective may wait (default 3600: a slow guided rollout on one rank must not
 #                       time out the others), passed as --training.ddp_timeout
 #   RUN_PREFIX          a command to run `accelerate` in, e.g. "apptainer exec --nv --bind /shared rgrl.sif"
+#   SHUTDOWN_TIMEOUT    seconds the launcher gives its processes to finish the current step, checkpoint and exit
+#                       after SIGTERM/SIGUSR1 before killing them (default 540, within the 600 s warning)
 #SBATCH --job-name=rgrl
 #SBATCH --nodes=2
 #SBATCH --ntasks-per-node=1
@@ -54,13 +58,18 @@ export TOKENIZERS_PARALLELISM=false
 export HF_HUB_DISABLE_TELEMETRY=1
 export HF_HUB_OFFLINE=${HF_HUB_OFFLINE:-1}  # compute nodes read the shared HF cache (download on a login node first)
 
-# --- resume: the newest checkpoint whose trainer_state.json exists (the Trainer writes it last, so a
-# checkpoint cut short by preemption has none and is skipped)
+# --- signals: the launcher (torchrun inside accelerate) forwards SIGUSR1 too, and waits for the processes to save
+export PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${SHUTDOWN_TIMEOUT:-540}
+
+# --- resume: the newest checkpoint with rgrl's completion marker (written after every other file of the
+# checkpoint, on every process, so a checkpoint cut short has none and is skipped; rgrl.train then also checks the
+# sizes of its files). None: `last`, which lets rgrl.train start fresh in an output folder without a checkpoint.
 latest_checkpoint() {
     local dir step best="" best_step=-1
     for dir in "$1"/checkpoint-*; do
         step=${dir##*-}
-        [[ -f $dir/trainer_state.json && $step =~ ^[0-9]+$ ]] || continue
+        [[ -f $dir/rgrl_checkpoint.json && $step =~ ^[0-9]+$ ]] || continue
         if ((step > best_step)); then
             best_step=$step
             best=$dir
@@ -69,16 +78,23 @@ latest_checkpoint() {
     echo "$best"
 }
 
-TRAIN_ARGS=("$@" --training.output_dir "$OUTPUT_DIR" --training.ddp_timeout "${DDP_TIMEOUT:-3600}")
 RESUME=$(latest_checkpoint "$OUTPUT_DIR")
-if [[ -n $RESUME ]]; then
-    TRAIN_ARGS+=(--training.resume_from_checkpoint "$RESUME")
-fi
+TRAIN_ARGS=("$@" --training.output_dir "$OUTPUT_DIR" --training.ddp_timeout "${DDP_TIMEOUT:-3600}"
+            --training.resume_from_checkpoint "${RESUME:-last}")
 echo "job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}): $SLURM_NNODES nodes x $GPUS_PER_NODE GPUs," \
      "master $MASTER_ADDR:$MASTER_PORT, output $OUTPUT_DIR, resume from ${RESUME:-nothing}"
 
-# --- the time limit is near (SIGUSR1, --signal above): requeue; the next start resumes from the last checkpoint
-trap 'echo "time limit near: requeueing job $SLURM_JOB_ID"; scontrol requeue "$SLURM_JOB_ID"' USR1
+# --- the time limit is near (SIGUSR1 to this shell, --signal above): srun forwards SIGUSR1 to the launchers, the
+# launchers to the training processes, which checkpoint at the end of the current step and exit; then requeue, and
+# the next start resumes from that checkpoint
+on_time_limit() {
+    echo "time limit near: asking the training processes to checkpoint, then requeueing job $SLURM_JOB_ID"
+    kill -USR1 "$SRUN_PID" 2>/dev/null || true
+    wait "$SRUN_PID" || true
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+}
+trap on_time_limit USR1
 
 # One task per node; the single-quoted variables (SLURM_NODEID above all) expand on the node, inside the task.
 # shellcheck disable=SC2016
@@ -87,4 +103,5 @@ srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c '
         --num_machines "$NUM_MACHINES" --num_processes "$NUM_PROCESSES" --machine_rank "$SLURM_NODEID" \
         --main_process_ip "$MASTER_ADDR" --main_process_port "$MASTER_PORT" \
         -m rgrl.train "$@"' rgrl-node "${TRAIN_ARGS[@]}" &
-wait $!
+SRUN_PID=$!
+wait "$SRUN_PID"

@@ -12,6 +12,7 @@ import dataclasses
 import difflib
 import enum
 import os
+import re
 import types
 import typing
 from pathlib import Path
@@ -21,6 +22,43 @@ import yaml
 
 class RecipeError(ValueError):
     """A recipe (or a command-line override) is malformed; the message says where and how."""
+
+
+_SECRET_NAME = re.compile(r"(^|_)(token|key|secret|password)$")
+
+
+def is_secret(name: str) -> bool:
+    """Whether a recipe key holds a credential (`hub_token`, `api_key`, …): never printed, saved or logged."""
+    return bool(_SECRET_NAME.search(name))
+
+
+def without_secrets(data):
+    """A plain recipe mapping with every secret value replaced by "<hidden>" (at any depth)."""
+    if isinstance(data, dict):
+        return {key: ("<hidden>" if is_secret(str(key)) and value is not None else without_secrets(value))
+                for key, value in data.items()}
+    if isinstance(data, list):
+        return [without_secrets(value) for value in data]
+    return data
+
+
+def scrub_secret_arguments(argv: list[str]) -> list[str]:
+    """`--section.some_token VALUE` / `--section.some_token=VALUE` with the value replaced by "<hidden>"."""
+    scrubbed, hide_next = [], False
+    for token in argv:
+        key = token[2:].split("=", 1)[0].split(".")[-1].replace("-", "_") if token.startswith("--") else ""
+        if hide_next:
+            scrubbed.append("<hidden>")
+            hide_next = False
+        elif key and is_secret(key):
+            if "=" in token:
+                scrubbed.append(token.split("=", 1)[0] + "=<hidden>")
+            else:
+                scrubbed.append(token)
+                hide_next = True
+        else:
+            scrubbed.append(token)
+    return scrubbed
 
 
 def load_recipe(path: str | os.PathLike, schema: type, overrides: list[str] | None = None):
@@ -146,7 +184,9 @@ def _coerce(value, hint, source: str, where: str):
         if value not in args:
             raise RecipeError(f"{source}: '{where}' must be one of {list(args)}, got {value!r}.")
         return value
-    if origin in (list, tuple) and isinstance(value, (list, tuple)):
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{source}: '{where}' must be a list (e.g. [1, 2]), got {value!r}.")
         inner = args[0] if args else typing.Any
         items = [_coerce(v, inner, source, f"{where}[{i}]") for i, v in enumerate(value)]
         return items if origin is list else tuple(items)

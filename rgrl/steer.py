@@ -36,7 +36,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
-from rgrl.data import PromptDataConfig, load_prompts
+from rgrl.data import PromptDataConfig, check_prompt_source, load_prompts
 from rgrl.guidance import GUIDANCE_METHODS, GuidanceConfig, RewardGuidance
 from rgrl.models.flops import TransformerShape
 from rgrl.models.loading import DLLMConfig, num_logit_rows
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
         recipe = load_recipe(args.recipe, SteerRecipe, overrides)
         check_before_loading(recipe)
     except (RecipeError, FileNotFoundError, ValueError, ImportError) as error:
-        sys.exit(f"error: {error}")
+        sys.exit(f"error: {args.recipe}: {error}" if not str(error).startswith(str(args.recipe)) else f"error: {error}")
     print(json.dumps(to_plain(recipe), indent=2))
     if args.dry_run:
         return
@@ -113,6 +113,10 @@ def check_before_loading(recipe: SteerRecipe) -> None:
     """Everything that can be checked without loading weights."""
     recipe.model.check_paths()
     recipe.reward_model.check_paths()
+    try:
+        check_prompt_source(recipe.prompts)
+    except (ValueError, OSError) as error:
+        raise ValueError(f"'prompts.path': {error}") from None
     for name in recipe.metrics:
         import_function(name)
 
@@ -178,7 +182,7 @@ def sample_and_score(sampler: DiffusionSampler, reward_model, prompts: list, num
         chunk = prompts[start : start + prompts_per_batch]
         # the same seed for every method at this (seed, batch): guided and unguided runs share their randomness
         out = sampler.generate(chunk, num_samples=num_samples, seed=seed * 1_000_003 + start)
-        rows = [p for p in chunk for _ in range(num_samples)]
+        rows = out.prompts  # as the dLLM saw them (cut to sampler.max_prompt_length)
         rewards.append(reward_model.score(rows, out.texts).view(len(chunk), num_samples))
         flops += sum(sampler.generation_flops(out.stats).values()) + scoring_flops(reward_model, rows, out.texts)
         texts.extend(out.texts[i : i + num_samples] for i in range(0, len(out.texts), num_samples))

@@ -23,7 +23,10 @@ A recipe has these sections (see recipes/*.yaml; every key is validated, unknown
 
 Everything is checked before any weights load; `--dry_run` stops there and prints the resolved configuration.
 Outputs in `training.output_dir`: checkpoints, the final LoRA adapter (merge it with `python -m rgrl.merge`),
-metrics.jsonl, training_curves.png and the recipe as run (recipe.yaml).
+metrics.jsonl, training_curves.png and the recipe as run (recipe.yaml, secrets hidden). A non-empty output_dir needs
+`training.resume_from_checkpoint` (a checkpoint folder, or `last`: the newest complete one) or
+`training.overwrite_output_dir: true`. SIGTERM/SIGUSR1 checkpoint at the end of the current step and exit 0;
+docs/reliability.md lists how every fault and bad input is handled.
 """
 
 from __future__ import annotations
@@ -31,7 +34,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,13 +45,22 @@ from typing import Literal
 import torch
 import yaml
 
-from rgrl.data import PromptDataConfig
+from rgrl.data import PromptDataConfig, check_prompt_source
 from rgrl.guidance import GuidanceConfig
-from rgrl.models.loading import DLLMConfig, num_logit_rows, resolve_checkpoint
-from rgrl.recipe import RecipeError, build_dataclass, parse_overrides, read_recipe, to_plain
+from rgrl.models.loading import DLLMConfig, check_model_dir, num_logit_rows, offline_hub_problem, resolve_checkpoint
+from rgrl.recipe import (
+    RecipeError,
+    build_dataclass,
+    parse_overrides,
+    read_recipe,
+    scrub_secret_arguments,
+    to_plain,
+    without_secrets,
+)
 from rgrl.rewards import RewardModelConfig, import_function
 from rgrl.sampling import SamplerConfig
 from rgrl.trainers.base import SAMPLER_OWNED_OPTIONS, sync_sampling_args
+from rgrl.trainers.checkpoints import CheckpointError, check_checkpoint, latest_complete_checkpoint
 from rgrl.trainers.diffu_grpo_config import DiffuGRPOConfig
 from rgrl.trainers.rgrl_config import RGRLConfig
 
@@ -64,6 +78,11 @@ class LoraSection:
     alpha: float = 32.0
     dropout: float = 0.1
 
+    def __post_init__(self):
+        if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
+            raise ValueError(f"LoRA needs r >= 1, alpha > 0 and dropout in [0, 1); got r={self.r}, "
+                             f"alpha={self.alpha}, dropout={self.dropout}.")
+
 
 @dataclass
 class RewardSection:
@@ -77,6 +96,11 @@ class RewardSection:
     max_length: int = 4096
     batch_size: int = 8
     trust_remote_code: bool = False
+
+    def __post_init__(self):
+        if not math.isfinite(self.weight) or self.batch_size < 1 or self.max_length < 1:
+            raise ValueError(f"a reward needs a finite weight, batch_size >= 1 and max_length >= 1; got "
+                             f"weight={self.weight}, batch_size={self.batch_size}, max_length={self.max_length}.")
 
     @property
     def metric_name(self) -> str:
@@ -142,14 +166,13 @@ def load_training_recipe(path: str | os.PathLike, overrides: list[str] | None = 
 
     notes = []
     build_input = dict(raw, training=dict(training))
-    if not torch.cuda.is_available() and not training.get("use_cpu") and _uses_bf16(training):
-        if not dry_run:
-            raise RecipeError(
-                f"{path}: training.bf16 is on (GRPOConfig's default) but this machine has no CUDA GPU; "
-                "set `training.bf16: false` to train in float32 on the CPU."
-            )
+    hardware = _hardware_problems(raw, training)
+    if hardware and not dry_run:
+        raise RecipeError(f"{path}: this machine cannot run the recipe as written:\n" +
+                          "\n".join(f"  - {problem}" for problem in hardware))
+    notes += [f"{problem} (a dry run here does not stop on this)" for problem in hardware]
+    if any(problem.startswith("training.bf16") for problem in hardware):
         build_input["training"]["use_cpu"] = True  # lets transformers accept bf16 here; not part of the recipe
-        notes.append("training.bf16 is on: the run needs a bf16-capable GPU (not checked on this machine)")
     for key in ("eval_strategy", "save_strategy", "logging_strategy"):
         if build_input["training"].get(key) is False:  # YAML 1.1 reads an unquoted `no` as false
             build_input["training"][key] = "no"
@@ -176,6 +199,22 @@ def _uses_bf16(training: dict) -> bool:
     return bool(bf16) if bf16 is not None else not training.get("fp16", False)
 
 
+def _hardware_problems(raw: dict, training: dict) -> list[str]:
+    """Every setting this machine cannot run, each with its fix (reported together)."""
+    problems = []
+    if not torch.cuda.is_available() and not training.get("use_cpu") and _uses_bf16(training):
+        where = "set in the recipe" if training.get("bf16") else "GRPOConfig's default"
+        problems.append(f"training.bf16 is on ({where}) but this machine has no CUDA GPU: set `training.bf16: false` "
+                        "to train in float32 on the CPU")
+    model = raw.get("model") if isinstance(raw.get("model"), dict) else {}
+    if model.get("load_in_4bit"):
+        problem = _four_bit_problem()
+        if problem:
+            problems.append(f"model.load_in_4bit is on but {problem}: set `model.load_in_4bit: false` on this "
+                            "machine")
+    return problems
+
+
 def check_recipe(recipe: TrainingRecipe, path: Path, dry_run: bool) -> list[str]:
     """Cross-section checks that need no weights; returns notes on hardware checks a dry run skipped."""
     notes = []
@@ -183,25 +222,26 @@ def check_recipe(recipe: TrainingRecipe, path: Path, dry_run: bool) -> list[str]
     def fail(message: str):
         raise RecipeError(f"{path}: {message}")
 
-    def check_checkpoint(name: str, where: str) -> None:
+    def check_model(name: str, where: str, trust_remote_code: bool = False, is_dllm: bool = False) -> None:
         try:
-            resolve_checkpoint(name)  # local paths must exist; tiny: names are built (seconds, once)
+            resolved = resolve_checkpoint(name)  # local paths must exist; tiny: names are built (seconds, once)
+            if is_dllm and os.path.isdir(resolved):
+                check_model_dir(resolved, trust_remote_code)
         except (FileNotFoundError, ValueError) as error:
             fail(f"'{where}': {error}")
+        offline = offline_hub_problem(name)
+        if offline and not dry_run:
+            fail(f"'{where}': {offline}.")
+        if offline:
+            notes.append(f"'{where}': {offline}")
 
     model = recipe.model
     if model is None:
         fail("the 'model' section (the dLLM to train, with at least `path`) is required.")
-    check_checkpoint(model.path, "model.path")
+    check_model(model.path, "model.path", model.trust_remote_code, is_dllm=True)
     if model.adapter is not None:
         fail("'model.adapter' applies a trained adapter for evaluation; a training run trains a fresh one (to "
              "continue a run, set 'training.resume_from_checkpoint').")
-    if model.load_in_4bit:
-        problem = _four_bit_problem()
-        if problem and not dry_run:
-            fail(f"model.load_in_4bit is on but {problem}. Set `model.load_in_4bit: false` on this machine.")
-        if problem:
-            notes.append(f"model.load_in_4bit is on: the run needs a CUDA GPU and bitsandbytes (here: {problem})")
 
     if not recipe.rewards:
         fail("'rewards' is empty: give at least one reward model (`- model: PATH`) or function (`- function: m:f`).")
@@ -210,7 +250,7 @@ def check_recipe(recipe: TrainingRecipe, path: Path, dry_run: bool) -> list[str]
         if (reward.model is None) == (reward.function is None):
             fail(f"rewards[{i}] needs exactly one of 'model' (a reward model) and 'function' (module:function).")
         if reward.model is not None:
-            check_checkpoint(reward.model, f"rewards[{i}].model")
+            check_model(reward.model, f"rewards[{i}].model")
         else:
             try:
                 import_function(reward.function)
@@ -227,15 +267,15 @@ def check_recipe(recipe: TrainingRecipe, path: Path, dry_run: bool) -> list[str]
         if not guided and recipe.guidance_model is not None:
             fail("guidance.method is 'none' (unguided rollouts): remove the unused 'guidance_model' section.")
         if guided:
-            check_checkpoint(recipe.guidance_model.path, "guidance_model.path")
+            check_model(recipe.guidance_model.path, "guidance_model.path")
 
-    data = recipe.data
-    if data.path is not None and (data.source == "local" or data.path.startswith(("/", ".", "~"))):
-        if not Path(data.path).expanduser().exists():
-            fail(f"'data.path': no file or folder at {data.path!r}.")
+    try:
+        check_prompt_source(recipe.data)
+    except (ValueError, OSError) as error:
+        fail(f"'data.path': {error}")
 
     args = recipe.training
-    if data.num_eval_prompts > 0:
+    if recipe.data.num_eval_prompts > 0:
         try:
             args.check_eval_batch()
         except ValueError as error:
@@ -243,8 +283,25 @@ def check_recipe(recipe: TrainingRecipe, path: Path, dry_run: bool) -> list[str]
     elif args.eval_strategy != "no":
         fail(f"training.eval_strategy is {args.eval_strategy.value!r} but there are no held-out prompts: set "
              "'data.num_eval_prompts' (the unguided evaluation set), or eval_strategy: 'no'.")
-    if args.resume_from_checkpoint and not Path(args.resume_from_checkpoint).is_dir():
-        fail(f"'training.resume_from_checkpoint': no checkpoint directory at {args.resume_from_checkpoint!r}.")
+    if args.resume_from_checkpoint == "last":
+        latest = latest_complete_checkpoint(args.output_dir)
+        args.resume_from_checkpoint = None if latest is None else str(latest)
+        found = latest or f"no complete checkpoint in {args.output_dir}, a fresh start"
+        notes.append(f"training.resume_from_checkpoint 'last': {found}")
+        logger.info(notes[-1])
+    elif args.resume_from_checkpoint:
+        try:
+            check_checkpoint(args.resume_from_checkpoint)
+        except CheckpointError as error:
+            fail(f"'training.resume_from_checkpoint': {error}")
+    else:
+        output_dir = Path(args.output_dir)
+        existing = sorted(p.name for p in output_dir.iterdir()) if output_dir.is_dir() else []
+        if existing and not args.overwrite_output_dir:
+            shown = ", ".join(existing[:4]) + (", …" if len(existing) > 4 else "")
+            fail(f"training.output_dir {args.output_dir!r} is not empty ({shown}). To continue that run set "
+                 "`training.resume_from_checkpoint: last`; to train into it anyway (files may be overwritten) set "
+                 "`training.overwrite_output_dir: true`; or choose another output_dir.")
     return notes
 
 
@@ -368,23 +425,52 @@ def run(loaded: LoadedRecipe):
     else:
         trainer = DiffuGRPOTrainer(model, reward_funcs, args, **common)
 
+    trainer.accelerator.wait_for_everyone()  # every process checked output_dir before anything is written to it
     if trainer.is_world_process_zero():
         os.makedirs(args.output_dir, exist_ok=True)
-        (Path(args.output_dir) / "recipe.yaml").write_text(yaml.safe_dump(_without_secrets(loaded.raw),
+        (Path(args.output_dir) / "recipe.yaml").write_text(yaml.safe_dump(without_secrets(loaded.raw),
                                                                           sort_keys=False))
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    trainer.save_model(args.output_dir)
-    step = trainer.state.global_step
-    evaluated = any("eval_reward" in entry and entry.get("step") == step for entry in trainer.state.log_history)
-    if eval_dataset is not None and not evaluated:  # the final policy's unguided evaluation
-        trainer.evaluate()
+    try:
+        trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+        step = trainer.state.global_step
+        if trainer.preemption.received:
+            logger.warning(f"{trainer.preemption.received}: stopped after step {step} with checkpoint-{step} saved "
+                           f"in {args.output_dir}; resume with --training.resume_from_checkpoint last.")
+            return trainer
+        trainer.save_model(args.output_dir)
+        evaluated = any("eval_reward" in entry and entry.get("step") == step for entry in trainer.state.log_history)
+        if eval_dataset is not None and not evaluated:  # the final policy's unguided evaluation
+            trainer.evaluate()
+    except RuntimeError as error:
+        explained = collective_failure(error, args.ddp_timeout, trainer.state.global_step + 1)
+        if explained is None:
+            raise
+        raise CollectiveError(explained) from error
     return trainer
 
 
-def _without_secrets(raw: dict) -> dict:
-    training = {key: ("<hidden>" if key.endswith("_token") else value)
-                for key, value in (raw.get("training") or {}).items()}
-    return {**raw, "training": training}
+class CollectiveError(RuntimeError):
+    """A collective operation failed because another process is stuck or gone; the message says which."""
+
+
+def collective_failure(error: BaseException, timeout: float, step: int | None = None) -> str | None:
+    """An explanation of a timed-out or broken collective (gloo's or NCCL's error text), or None for other errors."""
+    text = str(error)
+    timed_out = re.search(r"Timed out waiting (\d+)ms for (\w+) operation|timed out|Timeout", text)
+    closed = re.search(r"Connection (?:closed|reset) by peer(?: \[?([\w.-]+)\]?(:\d+)?)?", text)
+    if not (timed_out or closed):
+        return None
+    rank, world = os.environ.get("RANK", "?"), os.environ.get("WORLD_SIZE", "?")
+    at = f" during training step {step}" if step is not None else ""
+    if closed:
+        peer = f" at {closed.group(1)}{closed.group(2) or ''}" if closed.group(1) else ""
+        return (f"process {rank} of {world} lost its connection to another process{peer}{at}: that process died "
+                "(see its log for why).")
+    operation = f" (a {timed_out.group(2)} operation)" if timed_out.lastindex and timed_out.group(2) else ""
+    return (f"process {rank} of {world} waited more than training.ddp_timeout={timeout:g} s{at} for the other "
+            f"processes to join a collective{operation}: another process is stuck (frozen, swapping, a hung file "
+            "system) or dead. If a step legitimately takes longer (long guided rollouts, slow checkpoint saves), "
+            "raise training.ddp_timeout.")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -393,19 +479,39 @@ def main(argv: list[str] | None = None) -> None:
         print(__doc__)
         print(USAGE)
         return
+    sys.argv[:] = scrub_secret_arguments(sys.argv)  # trackers (wandb) record the command line
     dry_run = "--dry_run" in argv or "--dry-run" in argv
     argv = [token for token in argv if token not in ("--dry_run", "--dry-run")]
     path, overrides = argv[0], argv[1:]
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     try:
         loaded = load_training_recipe(path, overrides, dry_run=dry_run)
-    except RecipeError as error:
+        if dry_run:
+            print(describe(loaded), end="")
+            print(f"# {path}: OK (dry run: no weights loaded)")
+            return
+        run(loaded)
+    except CollectiveError as error:  # each process names itself
         sys.exit(f"error: {error}")
-    if dry_run:
-        print(describe(loaded), end="")
-        print(f"# {path}: OK (dry run: no weights loaded)")
-        return
-    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
-    run(loaded)
+    except (RecipeError, CheckpointError, ConnectionError, PermissionError, FileNotFoundError,
+            FloatingPointError) as error:
+        _exit_once(f"error: {error}")
+    except ValueError as error:
+        if not _names_a_file(error):
+            raise
+        _exit_once(f"error: {error}")
+
+
+def _names_a_file(error: ValueError) -> bool:
+    """rgrl's input errors begin with the file they concern (data files, config.json, checkpoints)."""
+    return bool(re.match(r"^[\w./~-]+\.\w+[:,]", str(error)))
+
+
+def _exit_once(message: str) -> None:
+    """Exit with `message` printed by the first process only: the same input error hits every process."""
+    if os.environ.get("RANK", "0") == "0":
+        sys.exit(message)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -109,7 +109,7 @@ class Recorder:
 
             def replayed_rollout(trainer, prompts, _trainer=None):
                 group = trainer.num_generations if trainer.model.training else trainer.num_generations_eval
-                merged: dict[str, list] = {"prompt_ids": [], "completion_ids": []}
+                merged: dict[str, list] = {"prompt_ids": [], "completion_ids": [], "prompts_seen": []}
                 with torch.random.fork_rng():
                     for start in range(0, len(prompts), group):
                         torch.manual_seed(zlib.crc32(json.dumps(prompts[start]).encode()))

@@ -106,12 +106,18 @@ def test_deepspeed_json(stage):
 
 
 # ------------------------------------------------------------------------------------------------ SLURM
-STUBS = {  # stand-ins for SLURM and the launcher: srun runs its command once per node with SLURM_NODEID set
+STUBS = {  # stand-ins for SLURM and the launcher: srun runs its command once per node with SLURM_NODEID set and
+    # forwards SIGUSR1 to the running one, as srun forwards signals to its tasks; the launcher records a SIGUSR1
     "scontrol": '[ "$1 $2" = "show hostnames" ] && printf "gpu-node-07\\ngpu-node-08\\n"\n'
-                '[ "$1" = requeue ] && echo "requeue $2" >> "$STUB_LOG.scontrol"\nexit 0\n',
+                '[ "$1" = requeue ] && echo "requeue $2" >> "$STUB_LOG.events"\nexit 0\n',
     "srun": 'while [ "${1#--}" != "$1" ]; do shift; done\n'
-            'for node in $(seq 0 $((SLURM_NNODES - 1))); do SLURM_NODEID=$node "$@" || exit 1; done\n',
-    "accelerate": 'printf "%s\\n" "$@" "--end--" >> "$STUB_LOG"\nsleep "${STUB_SLEEP:-0}"\n',
+            'trap \'kill -USR1 $task\' USR1\n'
+            'for node in $(seq 0 $((SLURM_NNODES - 1))); do\n'
+            '  SLURM_NODEID=$node "$@" & task=$!\n'
+            '  while ! wait $task; do kill -0 $task 2>/dev/null || exit 1; done\n'
+            'done\n',
+    "accelerate": 'trap \'echo "launcher got USR1" >> "$STUB_LOG.events"; exit 0\' USR1\n'
+                  'printf "%s\\n" "$@" "--end--" >> "$STUB_LOG"\nsleep "${STUB_SLEEP:-0}" & wait\n',
 }
 
 
@@ -149,7 +155,8 @@ def test_slurm_script_parses():
     subprocess.run(["bash", "-n", str(LAUNCH / "slurm_train.sh")], check=True)
     for needle in ("#SBATCH --ntasks-per-node=1", "#SBATCH --requeue", "#SBATCH --signal=B:USR1@",
                    "scontrol show hostnames", "SLURM_NODEID", "scontrol requeue", "TORCH_NCCL_ASYNC_ERROR_HANDLING=1",
-                   "NCCL_DEBUG", "HF_HUB_DISABLE_TELEMETRY=1", "--training.ddp_timeout"):
+                   "NCCL_DEBUG", "HF_HUB_DISABLE_TELEMETRY=1", "--training.ddp_timeout",
+                   "PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT"):
         assert needle in text, needle
 
 
@@ -166,23 +173,40 @@ def test_slurm_script_rendezvous_one_launcher_per_node(tmp_path):
         assert train[:5] == ["-m", "rgrl.train", "recipes/wildchat_dream.yaml", "--training.seed", "7"]
         assert option(train, "--training.output_dir") == str(tmp_path / "out")
         assert option(train, "--training.ddp_timeout") == "3600"
-        assert "--training.resume_from_checkpoint" not in train
+        assert option(train, "--training.resume_from_checkpoint") == "last"  # nothing to resume: a fresh start
     assert "resume from nothing" in stdout
 
 
 def test_slurm_script_resumes_from_newest_complete_checkpoint(tmp_path):
+    """checkpoint-15 was cut short mid-save: its trainer state and a truncated adapter are there, the completion
+    marker (written after every other file) is not; the picker takes checkpoint-10."""
     out = tmp_path / "out"
-    for step, complete in ((5, True), (10, True), (15, False)):  # checkpoint-15 was cut short by preemption
-        (out / f"checkpoint-{step}").mkdir(parents=True)
+    for step, complete in ((5, True), (10, True), (15, False)):
+        checkpoint = out / f"checkpoint-{step}"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "trainer_state.json").write_text("{}")
+        (checkpoint / "adapter_model.safetensors").write_bytes(b"\x08" if not complete else b"\x08" * 64)
         if complete:
-            (out / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
-    calls, _ = run_slurm_script(tmp_path, out, "recipes/wildchat_dream.yaml")
+            (checkpoint / "rgrl_checkpoint.json").write_text("{}")
+    calls, stdout = run_slurm_script(tmp_path, out, "recipes/wildchat_dream.yaml")
     assert [option(call, "--training.resume_from_checkpoint") for call in calls] == [str(out / "checkpoint-10")] * 2
+    assert f"resume from {out / 'checkpoint-10'}" in stdout
+
+
+def test_slurm_script_without_a_complete_checkpoint_resumes_last(tmp_path):
+    """No complete checkpoint (the first start died before saving): `last` lets rgrl.train start fresh in the
+    non-empty output folder instead of refusing it."""
+    out = tmp_path / "out"
+    (out / "checkpoint-3").mkdir(parents=True)  # no marker
+    calls, stdout = run_slurm_script(tmp_path, out, "recipes/wildchat_dream.yaml")
+    assert [option(call, "--training.resume_from_checkpoint") for call in calls] == ["last"] * 2
+    assert "resume from nothing" in stdout
 
 
 
 def test_slurm_script_requeues_itself_before_the_time_limit(tmp_path):
-    """SLURM signals the batch shell (USR1, --signal=B:USR1@600) while the launchers run; the script requeues."""
+    """SLURM signals the batch shell (USR1, --signal=B:USR1@600) while the launchers run; the script forwards the
+    signal to the launcher (which has the training processes checkpoint), waits for it to exit, then requeues."""
     log = tmp_path / "job.out"  # a file, not a pipe: the sleeping stub launcher keeps its stdout open
     with log.open("w") as output:
         script = subprocess.Popen(["bash", str(LAUNCH / "slurm_train.sh"), "recipes/wildchat_dream.yaml"],
@@ -192,13 +216,14 @@ def test_slurm_script_requeues_itself_before_the_time_limit(tmp_path):
         deadline = time.monotonic() + 30
         while not (tmp_path / "launches.txt").exists() and time.monotonic() < deadline:
             time.sleep(0.05)  # the first node's launcher is running (and sleeping)
+        time.sleep(0.5)  # the stub launcher has set its trap
         script.send_signal(signal.SIGUSR1)
-        script.wait(timeout=30)  # the script returns at once instead of waiting for the launchers
+        script.wait(timeout=30)  # well before the 60 s the launcher would otherwise sleep
     finally:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(script.pid, signal.SIGKILL)  # the stub launcher still sleeping in the background
-    assert (tmp_path / "launches.txt.scontrol").read_text() == "requeue 4242\n"
-    assert "requeueing job 4242" in log.read_text()
+            os.killpg(script.pid, signal.SIGKILL)
+    assert (tmp_path / "launches.txt.events").read_text() == "launcher got USR1\nrequeue 4242\n"
+    assert script.returncode == 0 and "requeueing job 4242" in log.read_text()
 
 
 # ------------------------------------------------------------------------------------------------ Docker

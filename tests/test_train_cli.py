@@ -52,8 +52,8 @@ def test_recipes_exist():
 
 
 @pytest.mark.parametrize("name", TRAINING_RECIPES)
-def test_training_recipe_dry_run(name, capsys):
-    main([f"recipes/{name}", "--dry_run"])
+def test_training_recipe_dry_run(name, capsys, tmp_path):
+    main([f"recipes/{name}", "--dry_run", "--training.output_dir", str(tmp_path / "out")])
     out = capsys.readouterr().out
     assert out.rstrip().endswith("OK (dry run: no weights loaded)")
     printed = yaml.safe_load(out)
@@ -163,6 +163,9 @@ def test_gpu_only_settings_fail_clearly_on_cpu(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ end to end
+HUB_TOKEN = "hf_SENTINELtoken0123456789"  # given on the command line: must not reach any file the run writes
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """`python -m rgrl.train recipes/tiny_dream.yaml` for 2 steps, reporting to wandb (offline) and tensorboard."""
@@ -171,7 +174,7 @@ def tiny_run(tmp_path_factory):
            "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
     command = [sys.executable, "-m", "rgrl.train", "recipes/tiny_dream.yaml", "--training.output_dir", str(out),
                "--training.max_steps", "2", "--training.save_steps", "2", "--training.eval_steps", "2",
-               "--training.report_to", "[wandb, tensorboard]"]
+               "--training.report_to", "[wandb, tensorboard]", "--training.hub_token", HUB_TOKEN]
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return out
@@ -191,6 +194,18 @@ def test_end_to_end_outputs(tiny_run):
     assert any("eval_reward" in e and e["step"] == 2 for e in entries)
     assert list((out / "wandb").glob("offline-run-*")), "wandb wrote no offline run"
     assert list(out.rglob("events.out.tfevents.*")), "tensorboard wrote no events"
+
+
+def test_tokens_reach_no_written_file(tiny_run):
+    """training_args.bin (output folder and checkpoints), recipe.yaml, wandb's run files (config, recorded command
+    line), tensorboard's events: none holds the token given with --training.hub_token."""
+    files = [path for path in tiny_run.rglob("*") if path.is_file()]
+    names = {path.name for path in files}
+    assert {"training_args.bin", "recipe.yaml"} <= names and any(n.startswith("events.out") for n in names)
+    assert any(path.name == "training_args.bin" and "checkpoint-2" in path.parts for path in files)
+    leaking = [str(path) for path in files if HUB_TOKEN.encode() in path.read_bytes()]
+    assert leaking == []
+    assert yaml.safe_load((tiny_run / "recipe.yaml").read_text())["training"]["hub_token"] == "<hidden>"
 
 
 def test_merged_adapter_loads_as_a_plain_model(tiny_run, tmp_path):

@@ -341,9 +341,10 @@ def test_trl_contract_metric_names(rgrl_run):
     expected = {"reward", "reward_std", "rewards/tiny_rm/mean", "rewards/tiny_rm/std", "completions/mean_length",
                 "completions/clipped_ratio", "frac_reward_zero_std", "guidance/entropy_weight",
                 "guidance/reward_gain", "guidance/seconds", "guidance/rollout_seconds", "guidance/learner_seconds",
-                "learner/loglik", "grad_norm", "learning_rate"}
+                "learner/loglik", "grad_norm", "learning_rate", "rewards/non_finite", "learner/skipped_steps"}
     assert expected <= set(train[0]), expected - set(train[0])
     assert 0.0 < train[0]["guidance/entropy_weight"] <= 1.0
+    assert train[-1]["rewards/non_finite"] == 0 and train[-1]["learner/skipped_steps"] == 0
     evaluation = next(entry for entry in history if "eval_reward" in entry)
     assert {"eval_rewards/tiny_rm/mean", "eval_completions/mean_length", "eval_loss"} <= set(evaluation)
     assert not any(key.startswith("eval_guidance/entropy") for key in evaluation), "evaluation rollouts are unguided"

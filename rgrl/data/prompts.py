@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -244,7 +245,86 @@ def _load_hub(source: PromptSource, config: PromptDataConfig) -> datasets.Datase
                 f"https://huggingface.co/datasets/{source.path}, then run `huggingface-cli login` "
                 "(or `hf auth login`) or set HF_TOKEN."
             ) from error
+        if _is_connection_error(error):
+            raise ConnectionError(
+                f"The Hub dataset {source.path!r} cannot be reached (no network, or HF_HUB_OFFLINE / "
+                "HF_DATASETS_OFFLINE is set) and is not in the local datasets cache. Either set `data.path` to a "
+                "local copy (a JSONL, JSON or parquet file, a `save_to_disk` folder or a clone of the dataset "
+                "repository, with the same columns), or fill the cache where there is internet, with the HF_HOME "
+                f"this machine reads: python -c \"import datasets; datasets.load_dataset('{source.path}', "
+                f"split='{source.split}')\"."
+            ) from None
         raise
+
+
+def _is_connection_error(error: BaseException | None) -> bool:
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    while error is not None:
+        if isinstance(error, (ConnectionError, LocalEntryNotFoundError, OfflineModeIsEnabled)):
+            return True
+        if "offline" in str(error).lower() and "couldn't" in str(error).lower():
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def check_prompt_source(config: PromptDataConfig) -> None:
+    """What can be checked without loading: a local prompt file or folder exists, and a file reads as prompts."""
+    path = resolve_source(config).path
+    if path is None or not (config.source in ("local", "toy") or path.startswith(("/", ".", "~"))
+                            or Path(path).suffix in _FILE_BUILDERS):
+        return  # a Hub id
+    local = Path(path).expanduser()
+    if not local.exists():
+        raise FileNotFoundError(f"no file or folder at {path!r}.")
+    if local.is_file():
+        check_prompt_file(local)
+
+
+def check_prompt_file(path: str | Path) -> None:
+    """Fail naming the file (and line) when a local JSONL/JSON/parquet prompt file is empty or unreadable: bytes
+    that are not UTF-8, a line that is not a JSON object, a parquet file without rows."""
+    path = Path(path).expanduser()
+    fix = "one JSON object per line, UTF-8, e.g. {\"prompt\": \"...\"}"
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            rows = pq.read_metadata(path).num_rows
+        except Exception as error:  # pyarrow's ArrowInvalid and OSError
+            raise ValueError(f"{path}: not a readable parquet file ({error}).") from None
+        if rows == 0:
+            raise ValueError(f"{path}: the file has no rows; it needs one row per prompt.")
+        return
+    if path.suffix not in (".jsonl", ".json"):
+        return
+    data = path.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data[: error.start].count(b"\n") + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise ValueError(f"{path}, line {line}, column {column}: byte 0x{data[error.start]:02x} is not UTF-8 text; "
+                         "re-save the file as UTF-8.") from None
+    if not text.strip():
+        raise ValueError(f"{path}: the file is empty; it needs {fix}.")
+    if path.suffix == ".json":
+        try:
+            json.loads(text)
+        except ValueError as error:
+            raise ValueError(f"{path}, line {error.lineno}: not valid JSON ({error.msg}).") from None
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as error:
+            raise ValueError(f"{path}, line {number}: not valid JSON ({error.msg}); the file needs {fix}.") from None
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}, line {number}: a JSON {type(row).__name__}, not an object; the file needs "
+                             f"{fix}.")
 
 
 def _is_access_error(error: BaseException | None) -> bool:
@@ -273,7 +353,12 @@ def _load_local(local: Path, split: str | None, config: PromptDataConfig) -> dat
                 "written by Dataset.save_to_disk."
             )
         _no_subset(config, local)
-        loaded = datasets.load_dataset(builder, data_files=str(local), split="train")
+        check_prompt_file(local)
+        try:
+            loaded = datasets.load_dataset(builder, data_files=str(local), split="train")
+        except Exception as error:  # pyarrow's schema errors (e.g. a column of mixed types) name no file
+            raise ValueError(f"{local}: datasets cannot read it as {builder} ({type(error).__name__}: {error}).") \
+                from None
 
     if isinstance(loaded, datasets.Dataset):
         if config.split is not None:

@@ -71,6 +71,58 @@ def resolve_checkpoint(path: str | os.PathLike) -> str:
     return path
 
 
+def offline_hub_problem(path: str) -> str | None:
+    """When Hub access is off (HF_HUB_OFFLINE=1) and `path` is a Hub id missing from the local cache: what to do."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if not constants.HF_HUB_OFFLINE or os.path.exists(os.path.expanduser(path)) or not _HUB_ID.match(path):
+        return None
+    if isinstance(try_to_load_from_cache(path, "config.json"), str):
+        return None
+    return (f"the Hub model {path!r} is not in the local Hugging Face cache and Hub access is off "
+            f"(HF_HUB_OFFLINE=1). Download it where there is internet into the cache this machine reads (same "
+            f"HF_HOME): `hf download {path}`, or set the path to a local copy of the model folder")
+
+
+def safetensors_problem(path: str | os.PathLike) -> str | None:
+    """What is wrong with a safetensors file (a header or data length that does not fit), or None."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            for key in handle.keys():
+                handle.get_slice(key)
+    except Exception as error:  # safetensors raises its own error types (SafetensorError, OSError)
+        return f"not a readable safetensors file ({error})"
+    return None
+
+
+def check_model_dir(path: str | os.PathLike, trust_remote_code: bool = False) -> None:
+    """Fail with the file and the fix, before any weights load, when a local model folder cannot load: a missing
+    or malformed config.json, a `model_type` neither transformers nor rgrl knows, a truncated safetensors file."""
+    folder = Path(path)
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{folder}: no config.json; a model folder is what `save_pretrained` writes.")
+    try:
+        config = json.loads(config_file.read_text())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise ValueError(f"{config_file}: not valid JSON ({error}).") from None
+    model_type = config.get("model_type")
+    if model_type not in CONFIG_MAPPING and not (trust_remote_code and config.get("auto_map")):
+        raise ValueError(
+            f"{config_file}: model_type {model_type!r} is known neither to transformers nor to rgrl (rgrl's native "
+            "families: 'Dream' for Dream, 'llada' for LLaDA). For a Dream or LLaDA checkpoint, set \"model_type\" "
+            "in that file to 'Dream' or 'llada'. For another masked diffusion LM that ships its own modeling code "
+            "(`auto_map` in config.json), set `model.trust_remote_code: true` and describe its family in the recipe "
+            "(`model.family`, `mask_token_id`, `eos_token_id`, `shifted_logits`, `lora_target_modules`)."
+        )
+    for weights in sorted(folder.glob("*.safetensors")):
+        problem = safetensors_problem(weights)
+        if problem:
+            raise ValueError(f"{weights}: {problem}; copy or download the checkpoint again.")
+
+
 def torch_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ValueError(f"Unknown dtype {name!r}; expected one of {sorted(DTYPES)}.")
@@ -111,8 +163,10 @@ class DLLMConfig:
         return {name: getattr(self, name) for name in names}
 
     def check_paths(self) -> None:
-        """Fail fast (before any weights load) on local paths that do not exist."""
-        resolve_checkpoint(self.path)
+        """Fail fast (before any weights load) on local paths that do not exist or cannot load."""
+        resolved = resolve_checkpoint(self.path)
+        if os.path.isdir(resolved):
+            check_model_dir(resolved, self.trust_remote_code)
         if self.adapter is not None and not os.path.isdir(os.path.expanduser(self.adapter)):
             raise FileNotFoundError(f"LoRA adapter directory {self.adapter!r} does not exist.")
 
@@ -149,6 +203,8 @@ def load_dllm(
     `auto_map`); any other dLLM needs `trust_remote_code=True` or a registered class, plus family overrides.
     """
     resolved = resolve_checkpoint(path)
+    if os.path.isdir(resolved):
+        check_model_dir(resolved, trust_remote_code)
     tokenizer = load_tokenizer(path, trust_remote_code=trust_remote_code)
     kwargs = {"dtype": torch_dtype(dtype), "trust_remote_code": trust_remote_code}
     if attn_implementation is not None:

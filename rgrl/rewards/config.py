@@ -24,6 +24,10 @@ class RewardModelConfig:
     bridge_fallback: Literal["eos", "zero"] = "eos"  # embedding of dLLM tokens the RM vocabulary lacks
     bridge_split: bool = True  # a dLLM token the RM writes as several tokens maps to the mean of their embeddings
 
+    def __post_init__(self):
+        if self.max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {self.max_length}.")
+
     def check_paths(self) -> None:
         resolve_checkpoint(self.path)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -48,7 +49,7 @@ class SamplerConfig:
     deprioritized_tokens: Literal["eos", "eos_and_end_of_turn"] = "eos"  # "eos": the tokenizer's EOS only
     confidence_from: Literal["guided", "unguided"] = "guided"
     eps: float = 1e-3  # Dream schedule's final timestep
-    max_prompt_length: int | None = None  # longer prompts keep their last tokens
+    max_prompt_length: int | None = None  # longer prompts keep the end of their last user turn
     # Cache mode (beyond the paper; both off by default). prompt_cache_refresh r >= 1: the prompt's keys/values are
     # computed by a full forward every r steps and at each block start, and reused in between (approximate).
     prompt_cache_refresh: int = 0
@@ -70,6 +71,14 @@ class SamplerConfig:
             raise ValueError("steps and completion_length must be >= 1.")
         if self.temperature < 0 or self.alg_temp < 0:
             raise ValueError("temperature and alg_temp must be >= 0.")
+        if self.top_p is not None and not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (or unset: no nucleus filter), got {self.top_p}.")
+        if self.top_k is not None and self.top_k < 0:
+            raise ValueError(f"top_k must be >= 1 (or 0 / unset: no top-k filter), got {self.top_k}.")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise ValueError(f"max_prompt_length must be >= 1 (or unset), got {self.max_prompt_length}.")
+        if not 0 < self.eps < 1:
+            raise ValueError(f"eps must be in (0, 1), got {self.eps}.")
         if self.prompt_cache_refresh < 0:
             raise ValueError(f"prompt_cache_refresh must be >= 0 (0: off), got {self.prompt_cache_refresh}.")
         if self.reveal_threshold is not None and not 0 < self.reveal_threshold <= 1:
@@ -106,6 +115,7 @@ class SampleOutput:
     texts: list[str]
     stats: GenerationStats
     history: list[torch.Tensor] | None = None
+    prompts: list | None = None  # one per row, as given to `denoise` (and to the reward model)
 
     @property
     def sequences(self) -> torch.Tensor:
@@ -141,18 +151,55 @@ class DiffusionSampler:
         return next(self.model.parameters()).device
 
     def encode_prompts(self, prompts: list) -> tuple[torch.Tensor, torch.Tensor]:
-        """Render prompts (text or chat messages) with the chat template -> left-padded ids/mask [B, P]."""
+        """Render prompts (text or chat messages) with the chat template -> left-padded ids/mask [B, P].
+        Pass prompts through `fit_prompts` first when `max_prompt_length` is set."""
         texts = [self.family.render_prompt(self.tokenizer, prompt) for prompt in prompts]
-        limit = self.config.max_prompt_length
         encoded = self.tokenizer(texts, padding=True, add_special_tokens=False, return_tensors="pt",
-                                 padding_side="left", truncation=limit is not None, max_length=limit,
-                                 truncation_side="left")
+                                 padding_side="left")
         return encoded["input_ids"].to(self.device), encoded["attention_mask"].to(self.device).bool()
+
+    def fit_prompts(self, prompts: list) -> list:
+        """The prompts as the dLLM will see them: one whose rendering is longer than `max_prompt_length` tokens
+        keeps the end of its last user turn (the chat template around it stays whole). The reward model is given
+        these same prompts, so it scores the question the dLLM answered."""
+        limit = self.config.max_prompt_length
+        if limit is None:
+            return list(prompts)
+        fitted = [self._fit_prompt(prompt, limit) for prompt in prompts]
+        cut = sum(a is not b for a, b in zip(prompts, fitted))
+        if cut:
+            warnings.warn(f"{cut} of {len(prompts)} prompts are longer than sampler.max_prompt_length={limit} tokens: "
+                          "the start of their last user turn is cut (the reward model scores the cut prompts).",
+                          stacklevel=2)
+        return fitted
+
+    def _fit_prompt(self, prompt, limit: int):
+        def length(messages) -> int:
+            text = self.family.render_prompt(self.tokenizer, messages)
+            return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        overflow = length(messages) - limit
+        if overflow <= 0:
+            return prompt
+        turn = max(i for i, m in enumerate(messages) if m["role"] == "user")
+        content = self.tokenizer(messages[turn]["content"], add_special_tokens=False)["input_ids"]
+        while True:  # re-tokenising the cut text can merge tokens differently: cut one more until it fits
+            kept = content[overflow:]
+            fitted = [*messages[:turn], {**messages[turn], "content": self.tokenizer.decode(kept)},
+                      *messages[turn + 1:]]
+            if length(fitted) <= limit:
+                return fitted[turn]["content"] if isinstance(prompt, str) else fitted
+            if not kept:
+                raise ValueError(f"sampler.max_prompt_length={limit} is shorter than the chat template around a "
+                                 f"prompt ({length(fitted)} tokens with an empty user turn); raise it.")
+            overflow += 1
 
     def generate(self, prompts: list, num_samples: int = 1, seed: int | None = None,
                  record_history: bool = False) -> SampleOutput:
-        """`num_samples` completions per prompt (consecutive rows)."""
-        rows = [prompt for prompt in prompts for _ in range(num_samples)]
+        """`num_samples` completions per prompt (consecutive rows); `SampleOutput.prompts` holds the prompts as the
+        dLLM saw them (see `fit_prompts`)."""
+        rows = self.fit_prompts([prompt for prompt in prompts for _ in range(num_samples)])
         prompt_ids, prompt_mask = self.encode_prompts(rows)
         return self.denoise(prompt_ids, prompt_mask, rows, seed=seed, record_history=record_history)
 
@@ -209,6 +256,7 @@ class DiffusionSampler:
             texts=self.decode(completion_ids),
             stats=stats,
             history=history,
+            prompts=list(prompts),
         )
 
     @torch.no_grad()

@@ -11,6 +11,10 @@ functions, logging, checkpointing and eval loop. They replace what assumes a cau
   log-probs    `rgrl.trainers.likelihood` instead of TRL's causal path (`_get_per_token_logps_and_entropies`
                is guarded: it would score clean completions visible to a bidirectional model).
 
+  faults       rows without a finite total reward get no signal (and are counted), a NaN/inf loss or gradient
+               skips the optimizer step, a NaN/inf adapter is never saved, SIGTERM/SIGUSR1 checkpoint and stop,
+               checkpoints get a completion marker (`rgrl.trainers.guards`, `rgrl.trainers.checkpoints`).
+
 Subclasses supply `_per_sample_signal`, `_compute_loss` and optionally `_behaviour_log_probs` and `_guidance`.
 Pinned to TRL 1.16: the private methods overridden or called here are listed in `_TRL_PRIVATE_SURFACE`.
 """
@@ -19,10 +23,13 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import logging
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from accelerate.utils import gather_object
@@ -33,8 +40,13 @@ from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import nanstd
 
 from rgrl.models.family import DiffusionFamily
+from rgrl.recipe import is_secret
 from rgrl.sampling import DiffusionSampler, SamplerConfig
+from rgrl.trainers.checkpoints import CheckpointMarker
+from rgrl.trainers.guards import NonFiniteStepGuard, PreemptionCallback, any_process
 from rgrl.trainers.likelihood import completion_log_probs, draw_noise, token_weights
+
+logger = logging.getLogger(__name__)
 
 # TRL 1.16 internals this module relies on (a TRL bump must re-check them; tests/test_trainers.py has a contract test).
 _TRL_PRIVATE_SURFACE = (
@@ -104,10 +116,16 @@ class MaskedDiffusionConfig(GRPOConfig):
     gradient_checkpointing: bool | None = field(
         default=None, metadata={"help": "Deprecated alias of `activation_checkpointing`."}
     )
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Train into a non-empty output_dir without resuming (its files may be "
+                                         "overwritten). Without it, a non-empty output_dir needs "
+                                         "resume_from_checkpoint."}
+    )
 
     def __post_init__(self):
         if self.gradient_checkpointing is not None:  # the deprecated name, as TRL's docs still spell it
             self.activation_checkpointing = self.gradient_checkpointing
+        self._check_ranges()
         if isinstance(self.scale_rewards, str) and self.scale_rewards.lower() in ("true", "false"):
             raise ValueError(
                 f"scale_rewards={self.scale_rewards!r} is ambiguous (a string, not a boolean): use 'none' (no "
@@ -135,6 +153,63 @@ class MaskedDiffusionConfig(GRPOConfig):
             self.check_eval_batch()
         self._warn_unaligned_checkpoints()
 
+    # (name, predicate, requirement) of the numeric arguments neither TRL nor transformers range-checks
+    _RANGES = (
+        ("learning_rate", lambda v: v > 0, "> 0"),
+        ("max_steps", lambda v: v == -1 or v >= 1, ">= 1 (or -1: train num_train_epochs epochs)"),
+        ("num_train_epochs", lambda v: v > 0, "> 0"),
+        ("per_device_train_batch_size", lambda v: v >= 1, ">= 1"),
+        ("per_device_eval_batch_size", lambda v: v >= 1, ">= 1"),
+        ("gradient_accumulation_steps", lambda v: v >= 1, ">= 1"),
+        ("num_generations", lambda v: v >= 1, ">= 1"),
+        ("num_iterations", lambda v: v >= 1, ">= 1"),
+        ("weight_decay", lambda v: v >= 0, ">= 0"),
+        ("max_grad_norm", lambda v: v is None or v >= 0, ">= 0 (0: no clipping)"),
+        ("adam_beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("adam_beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+        ("adam_epsilon", lambda v: v > 0, "> 0"),
+        ("warmup_steps", lambda v: v >= 0, ">= 0"),
+        ("logging_steps", lambda v: v > 0, "> 0"),
+        ("save_steps", lambda v: v > 0, "> 0"),
+        ("eval_steps", lambda v: v is None or v > 0, "> 0"),
+        ("save_total_limit", lambda v: v is None or v >= 1, ">= 1 (or unset: keep every checkpoint)"),
+        ("ddp_timeout", lambda v: v >= 1, ">= 1 second"),
+        ("seed", lambda v: v >= 0, ">= 0"),
+        ("beta", lambda v: v >= 0, ">= 0"),
+        ("epsilon", lambda v: v >= 0, ">= 0"),
+    )
+
+    def _check_ranges(self) -> None:
+        problems = [f"{name} must be {requirement}, got {getattr(self, name)!r}"
+                    for name, valid, requirement in self._RANGES
+                    if hasattr(self, name) and isinstance(getattr(self, name), (int, float, type(None)))
+                    and not valid(getattr(self, name))]
+        if problems:
+            raise ValueError("; ".join(problems) + ".")
+
+    @cached_property
+    def _setup_devices(self):
+        """transformers hands `ddp_timeout` to the process group on accelerators but not on a CPU (gloo), where a
+        collective then waits forever for a stuck process. Start the gloo group with the timeout here first;
+        accelerate adopts an existing group."""
+        on_cpu = self.use_cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+        if on_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+            torch.distributed.init_process_group(backend=self.ddp_backend or "gloo", timeout=self.ddp_timeout_delta)
+        return super()._setup_devices
+
+    def __getstate__(self):
+        """Pickles of the arguments (`training_args.bin` in the output folder and every checkpoint) carry no
+        tokens or keys: those fields are None there."""
+        return {name: (None if is_secret(name) else value) for name, value in self.__dict__.items()}
+
+    def __deepcopy__(self, memo):  # a deep copy keeps the secrets (pickling drops them)
+        import copy
+
+        copied = object.__new__(type(self))
+        memo[id(self)] = copied
+        copied.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return copied
+
     def check_eval_batch(self) -> None:
         """Eval groups must sit on one process too (called when an evaluation will run)."""
         group = self.num_generations_eval or self.num_generations
@@ -156,6 +231,15 @@ class MaskedDiffusionConfig(GRPOConfig):
                 "interrupted rollout and differs from an uninterrupted run.",
                 stacklevel=3,
             )
+
+
+def total_rewards(rewards_per_func: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """[N, F] rewards per function (NaN: the function did not score the row, TRL's None) and [F] weights -> [N]
+    weighted sums over the functions that scored the row; NaN where none did or where the sum is not finite
+    (a function returned ±inf or NaN-producing values)."""
+    total = (rewards_per_func * weights).nansum(dim=1)
+    unscored = rewards_per_func.isnan().all(dim=1)
+    return total.masked_fill(unscored | ~total.isfinite(), math.nan)
 
 
 def sync_sampling_args(args: GRPOConfig, sampler: SamplerConfig) -> None:
@@ -218,6 +302,7 @@ class MaskedDiffusionTrainer(GRPOTrainer, metaclass=abc.ABCMeta):
             eos_token_id=list(family.stop_token_ids), pad_token_id=family.pad_token_id
         )
         self._rollout_seconds = 0.0  # total time in _generate_and_score_completions, for the learner's share
+        self.non_finite_loss = False  # a micro-batch loss of this optimizer step was NaN/inf (read by the guard)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="You are using 'rollout_func'", category=UserWarning)
             super().__init__(
@@ -232,6 +317,10 @@ class MaskedDiffusionTrainer(GRPOTrainer, metaclass=abc.ABCMeta):
                 peft_config=peft_config,
                 rollout_func=self._rollout,
             )
+        self.step_guard = NonFiniteStepGuard(self)
+        self.preemption = PreemptionCallback(self)
+        for callback in (self.step_guard, self.preemption, CheckpointMarker(self)):
+            self.add_callback(callback)
 
     # ------------------------------------------------------------------------------------------------ hooks
     @abc.abstractmethod
@@ -251,16 +340,16 @@ class MaskedDiffusionTrainer(GRPOTrainer, metaclass=abc.ABCMeta):
 
     # ------------------------------------------------------------------------------------------------ rollout
     def _rollout(self, prompts: list, trainer=None) -> dict:
-        """TRL's rollout seam: this process's prompts (K consecutive copies each) -> unpadded ids per row."""
+        """TRL's rollout seam: this process's prompts (K consecutive copies each) -> unpadded ids per row, and
+        the prompts as the dLLM saw them (`prompts_seen`: cut to `sampler.max_prompt_length`)."""
         mode = "train" if self.model.training else "eval"
         guidance = self._guidance(mode)
         with unwrap_model_for_generation(
             self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation
         ) as policy:
             sampler = DiffusionSampler(policy, self.processing_class, self.family, self.sampler_config, guidance)
-            prompt_ids, prompt_mask = sampler.encode_prompts(prompts)
             with self.accelerator.autocast():
-                sample = sampler.denoise(prompt_ids, prompt_mask, prompts)  # eval mode inside, mode restored
+                sample = sampler.generate(prompts)  # eval mode inside, mode restored
         metrics = {"guidance/sampler_seconds": sample.stats.seconds}
         if guidance is not None:
             stats = sample.stats.guidance.as_metrics()
@@ -271,6 +360,7 @@ class MaskedDiffusionTrainer(GRPOTrainer, metaclass=abc.ABCMeta):
             "prompt_ids": [ids[keep].tolist() for ids, keep in zip(sample.prompt_ids, sample.prompt_mask)],
             "completion_ids": [ids[keep].tolist() for ids, keep in zip(sample.completion_ids, sample.completion_mask)],
             "logprobs": None,
+            "prompts_seen": sample.prompts,
         }
 
     def _generate_and_score_completions(self, inputs: list[dict]) -> dict[str, torch.Tensor]:
@@ -278,12 +368,13 @@ class MaskedDiffusionTrainer(GRPOTrainer, metaclass=abc.ABCMeta):
         start = time.perf_counter()
         mode = "train" if self.model.training else "eval"
         prompts = [row["prompt"] for row in inputs]
-        prompt_ids, completion_ids, _, completions, _, _, _, _ = self._generate(prompts)
+        prompt_ids, completion_ids, _, completions, _, extra, _, _ = self._generate(prompts)
+        prompts = extra["prompts_seen"]  # the reward functions score the prompts the dLLM answered (maybe cut)
         rewards_per_func = self._calculate_rewards(inputs, prompts, completions, completion_ids)  # [N_world, F]
-        rewards = (rewards_per_func * self.reward_weights.to(rewards_per_func.device)).nansum(dim=1)
-        rewards[rewards_per_func.isnan().all(dim=1)] = math.nan
+        rewards = total_rewards(rewards_per_func, self.reward_weights.to(rewards_per_func.device))
         group_size = self.num_generations if mode == "train" else self.num_generations_eval
-        signal = self._per_sample_signal(rewards, group_size)
+        # rows without a finite total reward are left out of the group statistics and get no learning signal
+        signal = self._per_sample_signal(rewards, group_size).masked_fill(rewards.isnan(), 0.0)
         self._log_rewards(mode, prompts, completions, rewards_per_func, rewards, signal, group_size)
 
         batch = self._pad(prompt_ids, completion_ids)
@@ -338,11 +429,33 @@ class MaskedDiffusionTrainer(GRPOTrainer, metaclass=abc.ABCMeta):
     def training_step(self, model, inputs, num_items_in_batch=None):
         start, rollout_before = time.perf_counter(), self._rollout_seconds
         loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            self.non_finite_loss = True  # NonFiniteStepGuard skips this optimizer step
         learner = time.perf_counter() - start - (self._rollout_seconds - rollout_before)
         self._log_world_means("train", {"guidance/learner_seconds": learner})
         return loss
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the adapter (and, in checkpoints, the rest) -- never an adapter holding NaN/inf values."""
+        bad = [name for name, p in self.model.named_parameters()
+               if p.requires_grad and not getattr(p, "ds_tensor", p).isfinite().all()]
+        if any_process(bool(bad), self.accelerator.device):
+            where = f" ({', '.join(bad[:3])}{', …' if len(bad) > 3 else ''})" if bad else " (on another process)"
+            raise FloatingPointError(
+                f"Not saving to {output_dir or self.args.output_dir}: the trained weights hold NaN/inf values{where} "
+                f"at step {self.state.global_step}. Resume from the last checkpoint with a lower learning_rate, "
+                "and check the reward functions (metric rewards/non_finite) and learner/skipped_steps."
+            )
+        super().save_model(output_dir, _internal_call)
+
     # ------------------------------------------------------------------------------------------------ metrics
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "loss" in logs:  # a training log: the running count of skipped optimizer steps (kept across resumes)
+            earlier = next((e["learner/skipped_steps"] for e in reversed(self.state.log_history)
+                            if "learner/skipped_steps" in e), 0)
+            logs["learner/skipped_steps"] = earlier + self.step_guard.take_skipped()
+        super().log(logs, start_time)
+
     def _log_world_means(self, mode: str, metrics: dict[str, float]) -> None:
         """Append the mean over processes of each value (every process must pass the same names, in order)."""
         values = torch.tensor([list(metrics.values())], dtype=torch.float32, device=self.accelerator.device)
@@ -353,15 +466,30 @@ class MaskedDiffusionTrainer(GRPOTrainer, metaclass=abc.ABCMeta):
     def _log_rewards(self, mode, prompts, completions, rewards_per_func, rewards, signal, group_size) -> None:
         """TRL's reward metrics and completion logs, from world tensors ([N, F], [N], [N])."""
         metrics = self._metrics[mode]
+        # statistics over finite values only; a metric with no finite value this round is not logged for it
         for i, name in enumerate(self.reward_func_names):
-            metrics[f"rewards/{name}/mean"].append(torch.nanmean(rewards_per_func[:, i]).item())
-            metrics[f"rewards/{name}/std"].append(nanstd(rewards_per_func[:, i]).item())
-        metrics["reward"].append(torch.nanmean(rewards).item())
-        metrics["reward_std"].append(nanstd(rewards).item())
+            values = rewards_per_func[:, i][rewards_per_func[:, i].isfinite()]
+            if len(values):
+                metrics[f"rewards/{name}/mean"].append(values.mean().item())
+                metrics[f"rewards/{name}/std"].append(nanstd(values).item() if len(values) > 1 else 0.0)
+        finite = rewards[rewards.isfinite()]
+        if len(finite):
+            metrics["reward"].append(finite.mean().item())
+            metrics["reward_std"].append(nanstd(finite).item() if len(finite) > 1 else 0.0)
+        non_finite = int(rewards.isnan().sum())
+        metrics["rewards/non_finite"].append(float(non_finite))
+        if non_finite and self.accelerator.is_main_process:
+            culprits = [name for i, name in enumerate(self.reward_func_names)
+                        if not rewards_per_func[:, i][rewards.isnan()].isfinite().all()]
+            logger.warning(f"{non_finite} of {len(rewards)} completions have no finite total reward (NaN/inf from "
+                           f"{', '.join(culprits)}): they get no learning signal and are left out of the reward "
+                           "statistics.")
         if group_size > 1:
             group_std = nanstd(rewards.view(-1, group_size), dim=1)
-            metrics["frac_reward_zero_std"].append(torch.isclose(group_std, torch.zeros_like(group_std)).float()
-                                                   .mean().item())
+            group_std = group_std[group_std.isfinite()]
+            if len(group_std):
+                metrics["frac_reward_zero_std"].append(torch.isclose(group_std, torch.zeros_like(group_std))
+                                                       .float().mean().item())
 
         self._logs["prompt"].extend(gather_object(prompts))
         self._logs["completion"].extend(gather_object(completions))
