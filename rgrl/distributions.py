@@ -110,8 +110,7 @@ def sample_tokens(
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
     """Shannon entropy (nats) of softmax(logits) along the last dim; -inf logits contribute 0. [..., V] -> [...]."""
-    probs = logits.float().softmax(dim=-1)
-    return -torch.special.xlogy(probs, probs).sum(dim=-1)
+    return torch.special.entr(logits.float().softmax(dim=-1)).sum(dim=-1)
 
 
 def normalized_entropy(logits: torch.Tensor) -> torch.Tensor:
