@@ -250,18 +250,21 @@ def measure(setup: Setup, repeats: int, oracle: bool, throughput: float) -> dict
     else:
         agreement = None
     times = {name: [] for name in parts}
-    for _ in range(repeats):
-        for name, run in parts.items():
+    names = list(parts)
+    for round_ in range(repeats + 1):  # round 0 warms up; each round starts at another part (no fixed neighbours)
+        for name in names[round_ % len(names):] + names[: round_ % len(names)]:
+            run = parts[name]
             _synchronize(logits.device)
             start = time.perf_counter()
             with torch.no_grad():
                 run()
             _synchronize(logits.device)
-            times[name].append(time.perf_counter() - start)
+            if round_:
+                times[name].append(time.perf_counter() - start)
     memory = {name: peak_memory_added(run, logits.device) for name, run in parts.items()}
     traffic = {name: memory_traffic(parts[name]) / num_masked for name in ("guidance", "naive_guidance") if name in parts}
 
-    flops = step_flops(sampler.model, guidance, rows, width, num_masked, hook.scorer.base_mask.shape)
+    flops = step_flops(sampler.model, guidance, rows, width, num_masked, hook.scorer)
     flops["guided_step"] = flops["dllm_layers"] + flops["dllm_head"] + flops["guidance"]
     flops["unguided_step"] = flops["dllm_layers"] + flops["dllm_head"]
     table = []
@@ -331,13 +334,15 @@ def _naive_guidance(hook, logits, slots, masked):
     return run
 
 
-def step_flops(model, guidance, rows: int, width: int, num_masked: int, rm_input_shape) -> dict[str, int]:
-    """FLOPs of the parts of one guided step from the models' shapes (`rgrl.models.flops`)."""
+def step_flops(model, guidance, rows: int, width: int, num_masked: int, scorer) -> dict[str, int]:
+    """FLOPs of the parts of one guided step from the models' shapes (`rgrl.models.flops`); the reward model runs
+    the scorer's columns after its cached prompt prefix."""
     dllm = TransformerShape.from_config(model.config)
     rm = TransformerShape.from_config(guidance.reward_model.model.config, head_rows=1)
-    rm_rows, rm_width = rm_input_shape
+    rm_rows, rm_width = scorer.input_shape
+    run = rm_width - scorer.cached_columns
     vocab, dim = guidance.embedding_matrix.shape
-    rm_pass = rm.forward_flops(rm_rows, rm_width) + rm.input_backward_flops(rm_rows, rm_width)
+    rm_pass = rm.forward_flops(rm_rows, run, keys=rm_width) + rm.input_backward_flops(rm_rows, run, keys=rm_width)
     proposals = soft_embedding_flops(num_masked, vocab, dim, backward=False)
     update = soft_embedding_flops(num_masked, vocab, dim, backward=True) - proposals
     steps = guidance.config.steps
