@@ -123,7 +123,7 @@ def merge_reports(out: Path, part_dirs: list[Path], command: str) -> Path:
     for key in ("versions", "seeds", "num_prompts"):
         if any(part[key] != parts[0][key] for part in parts):
             raise SystemExit(f"error: the parts differ in {key!r}; merge only parts of one code version and scale.")
-    report = {"command": command + " (parts: " + "; ".join(f"`{part['command']}`" for part in parts) + ")",
+    report = {"command": command + " (parts: " + "; ".join(part["command"] for part in parts) + ")",
               "versions": parts[0]["versions"], "families": sorted({f for part in parts for f in part["families"]}),
               "seeds": parts[0]["seeds"], "num_prompts": parts[0]["num_prompts"], "test_time": {}, "ablation": {},
               "training": {}, "seconds": {}}
