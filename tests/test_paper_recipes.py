@@ -99,6 +99,16 @@ def test_training_recipes_do_not_pay_for_the_gain_metric_but_the_bench_does():
     assert rgrl_variants and all(" ".join(bench.MEASURE_GAIN) in " ".join(o) for o in rgrl_variants)
 
 
+@pytest.mark.parametrize("name", ["wildchat_dream.yaml", "lmsys_dream.yaml", "wildchat_llada.yaml", "lmsys_llada.yaml"])
+def test_rgrl_paper_recipes_clip_as_the_reference(name):
+    """The reference clips its loss Σ/K (rows per device / K times rgrl's mean) at 1.0; with Adam (scale-invariant)
+    that is rgrl's mean loss clipped at K / rows per device."""
+    args = load_training_recipe(f"recipes/{name}", dry_run=True).recipe.training
+    assert args.loss_normalizer == "num_completions"
+    rows_per_micro_batch = args.per_device_train_batch_size
+    assert args.max_grad_norm * rows_per_micro_batch / args.num_generations == pytest.approx(1.0)
+
+
 @pytest.mark.parametrize("name", ["wildchat_llada.yaml", "lmsys_llada.yaml"])
 def test_llada_bridge_settings_are_what_the_recipe_comment_says(name):
     """The comment promises: pieces -> their mean (bridge_split), no RM spelling at all -> a zero vector."""

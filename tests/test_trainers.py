@@ -288,9 +288,9 @@ def test_rgrl_learner_raises_likelihood_of_guided_completions(tmp_path, reward_m
     assert all(b < a for a, b in zip(losses, losses[1:] + [final]))
 
 
-def test_rgrl_loss_scale_is_the_references_sum_over_k(tmp_path, reward_model):
-    """Default: −Σ_i a_i·ℓ_i / K over the micro-batch (the paper's reference); `num_completions`: the mean.
-    With 4 rows = 2 prompts × K = 2 they differ by the 2 prompts per micro-batch."""
+def test_rgrl_loss_scale_is_the_mean_or_the_references_sum_over_k(tmp_path, reward_model):
+    """Default: the mean −Σ_i a_i·ℓ_i / N; `num_generations`: the reference's −Σ_i a_i·ℓ_i / K. With 4 rows =
+    2 prompts × K = 2 they differ by the 2 prompts per micro-batch."""
     trainer = make_trainer("rgrl", tmp_path, reward_model)
     model = trainer.model
     model.train()
@@ -299,10 +299,10 @@ def test_rgrl_loss_scale_is_the_references_sum_over_k(tmp_path, reward_model):
     with torch.no_grad():
         loglik = sequence_log_likelihood(trainer._log_probs(model, batch, 0), trainer._token_weights(batch, 0),
                                          batch["completion_mask"])
-        assert trainer.args.loss_normalizer == "num_generations"
-        reference = trainer._compute_loss(model, batch)
-        trainer.args.loss_normalizer = "num_completions"
+        assert trainer.args.loss_normalizer == "num_completions"
         mean = trainer._compute_loss(model, batch)
+        trainer.args.loss_normalizer = "num_generations"
+        reference = trainer._compute_loss(model, batch)
     assert reference.item() == pytest.approx(-loglik.sum().item() / K, rel=1e-6)
     assert mean.item() == pytest.approx(-loglik.mean().item(), rel=1e-6)
     assert reference.item() == pytest.approx(2 * mean.item(), rel=1e-6)

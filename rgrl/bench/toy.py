@@ -15,7 +15,8 @@ recipes in recipes/):
 
 It writes `toy.md` (tables, the exact command, versions, wall time), `toy.json` and PNG plots into `--out`; the runs'
 own outputs (samples, checkpoints) go to `--work`. `--quick` shrinks everything to a smoke test (numbers
-meaningless), used by CI. `--jobs N` runs the six (family, section) parts as N processes at once.
+meaningless), used by CI. `--jobs N` runs the six (family, section) parts as N processes at once; `--merge DIR…`
+writes one report from the reports of parts run separately (`--families`/`--skip`).
 """
 
 from __future__ import annotations
@@ -71,8 +72,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip", nargs="*", choices=SECTIONS, default=[])
     parser.add_argument("--jobs", type=int, default=1,
                         help="run the (family, section) parts in this many processes at once (same results)")
+    parser.add_argument("--merge", nargs="+", type=Path, metavar="DIR",
+                        help="run nothing: merge the reports (toy.json) of parts run separately into one")
     args = parser.parse_args(argv)
     command = "python -m rgrl.bench toy " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    if args.merge:
+        merge_reports(Path(args.out), args.merge, command)
+        return
     toy(Path(args.out), Path(args.work), Scale.quick() if args.quick else Scale.full(), args.families,
         set(args.skip), command, jobs=args.jobs, quick=args.quick)
 
@@ -107,6 +113,37 @@ def toy(out: Path, work: Path, scale: Scale, families: list[str], skip: set[str]
             }
             report["seconds"][f"training_{family}"] = time.perf_counter() - t0
     report["seconds"]["total"] = time.perf_counter() - start
+    return write_report(report, out)
+
+
+def merge_reports(out: Path, part_dirs: list[Path], command: str) -> Path:
+    """One report from the reports of separately run parts (same code, seeds and prompts), e.g. `--skip` runs."""
+    parts = [json.loads((part / "toy.json").read_text()) for part in part_dirs]
+    for key in ("versions", "seeds", "num_prompts"):
+        if any(part[key] != parts[0][key] for part in parts):
+            raise SystemExit(f"error: the parts differ in {key!r}; merge only parts of one code version and scale.")
+    report = {"command": command + " (parts: " + "; ".join(part["command"] for part in parts) + ")",
+              "versions": parts[0]["versions"], "families": sorted({f for part in parts for f in part["families"]}),
+              "seeds": parts[0]["seeds"], "num_prompts": parts[0]["num_prompts"], "test_time": {}, "ablation": {},
+              "training": {}, "seconds": {}}
+    for part in parts:
+        merge_part(report, part)
+    out.mkdir(parents=True, exist_ok=True)
+    return write_report(report, out)
+
+
+def merge_part(report: dict, part: dict) -> None:
+    """Add a part's sections and timings to `report` (a family's section may come from one part only)."""
+    for section in SECTIONS:
+        for family, result in part[section].items():
+            if family in report[section]:
+                raise SystemExit(f"error: two parts both hold {section} of {family}.")
+            report[section][family] = result
+            report["seconds"][f"{section}_{family}"] = part["seconds"][f"{section}_{family}"]
+
+
+def write_report(report: dict, out: Path) -> Path:
+    """toy.json, the plots and toy.md into `out`."""
     (out / "toy.json").write_text(json.dumps(report, indent=1, default=_plain))
     plot_test_time(report, out / "toy_test_time.png")
     for family, variants in report["training"].items():
@@ -134,10 +171,8 @@ def run_parts_in_parallel(report: dict, work: Path, families: list[str], section
 
     parts = [(family, section) for family in families for section in sections]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        results = list(pool.map(lambda args: part(*args), parts))
-    for (family, section), result in zip(parts, results):
-        report[section][family] = result[section][family]
-        report["seconds"][f"{section}_{family}"] = result["seconds"][f"{section}_{family}"]
+        for result in pool.map(lambda args: part(*args), parts):
+            merge_part(report, result)
 
 
 def steer_overrides(scale: Scale, output_dir: Path) -> list[str]:

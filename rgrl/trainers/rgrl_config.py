@@ -8,7 +8,7 @@ from rgrl.trainers.base import MaskedDiffusionConfig
 from rgrl.trainers.likelihood import ESTIMATORS
 
 SAMPLE_WEIGHTINGS = ("uniform", "softmax", "best_of_k")
-LOSS_NORMALIZERS = ("num_generations", "num_completions")
+LOSS_NORMALIZERS = ("num_completions", "num_generations")
 
 
 @dataclass
@@ -21,10 +21,11 @@ class RGRLConfig(MaskedDiffusionConfig):
         sample_weighting_beta: β of the softmax weighting.
         likelihood_estimator: "one_step" (completion fully masked, prompt masked with p_mask_prompt; the paper's)
             or "elbo" (mask rate t ~ U(0,1) on the completion, masked positions weighted 1/t).
-        loss_normalizer: what the micro-batch's summed, weighted log-likelihoods are divided by: "num_generations"
-            (K, the paper's reference: a sum over prompts of each prompt's mean over its K completions) or
-            "num_completions" (the rows of the micro-batch: a mean). They differ by the number of prompts per
-            micro-batch; with Adam that matters only through gradient clipping (`max_grad_norm`).
+        loss_normalizer: what the micro-batch's summed, weighted log-likelihoods are divided by: "num_completions"
+            (its rows: a mean, the default; the same for any split of a batch over processes) or "num_generations"
+            (K, the reference's literal loss: larger by the prompts per micro-batch, so it depends on the split).
+            With Adam the scale matters only through gradient clipping: the paper recipes reproduce the reference's
+            clipping of its K-normalised loss with `max_grad_norm` = K / rows per device (0.5 for 8 rows, K = 4).
 
     RGRL has no ratio, clipping or KL: `beta` must be 0 and `num_iterations` 1, and GRPO's loss options
     (`loss_type`, `epsilon`, `epsilon_high`, `scale_rewards`, `use_bias_correction_kl`) must stay unset.
@@ -37,7 +38,8 @@ class RGRLConfig(MaskedDiffusionConfig):
     sample_weighting_beta: float = field(default=1.0, metadata={"help": "Temperature β of softmax(r/β)."})
     likelihood_estimator: str = field(default="one_step", metadata={"help": "one_step or elbo."})
     loss_normalizer: str = field(
-        default="num_generations", metadata={"help": "num_generations (K, the paper's) or num_completions (a mean)."}
+        default="num_completions",
+        metadata={"help": "num_completions (a mean) or num_generations (K, the reference's literal scale)."},
     )
     scale_rewards: str = field(default="none", metadata={"help": "Unused by RGRL."})
 

@@ -5,12 +5,11 @@ the current LoRA policy, scores them with the reward functions (logged, and used
 and the learner maximises
 
     ℓ_i  = Σ_t w_it · log p_θ(y_it | noised prompt, masked completion) / |y_i|
-    loss = −(1/K) Σ_i a_i · ℓ_i          (sum over the micro-batch's completions)
+    loss = −(1/N) Σ_i a_i · ℓ_i          (the micro-batch's N completions)
 
-with token weights w from the likelihood estimator (1 for the one-step estimator), sample weights a (1 for the
-paper's uniform version) and K completions per prompt: the paper's reference scale, a sum over prompts of each
-prompt's mean. `loss_normalizer: num_completions` divides by the micro-batch's rows instead (a mean). Evaluation
-rollouts are unguided (docs/design.md §5.3).
+with token weights w from the likelihood estimator (1 for the one-step estimator) and sample weights a (1 for the
+paper's uniform version). `loss_normalizer: num_generations` divides by K instead of N, the reference's literal
+scale (docs/design.md §8.7). Evaluation rollouts are unguided (docs/design.md §5.3).
 """
 
 from __future__ import annotations
@@ -81,7 +80,7 @@ class RGRLTrainer(MaskedDiffusionTrainer):
         mode = "train" if self.model.training else "eval"
         log_probs = self._log_probs(model, inputs, 0)
         loglik = sequence_log_likelihood(log_probs, self._token_weights(inputs, 0), inputs["completion_mask"])
-        if self.args.loss_normalizer == "num_generations":  # the paper's reference: Σ over the micro-batch / K
+        if self.args.loss_normalizer == "num_generations":  # the reference's literal loss: Σ over the micro-batch / K
             normalizer = self.num_generations if mode == "train" else self.num_generations_eval
         else:
             normalizer = len(loglik)
