@@ -37,13 +37,13 @@ def test_toy_bench_quick_writes_report_and_plots(tmp_path):
 
     # --merge rebuilds the same report from the parts' own reports, and refuses a part given twice.
     parts = [str(parallel_dir / "runs" / "parts" / f"dream_{section}") for section in ("test_time", "ablation")]
-    bench.main(["toy", "--merge", *parts, "--out", str(tmp_path / "merged")])
+    main(["toy", "--merge", *parts, "--out", str(tmp_path / "merged")])
     merged = json.loads((tmp_path / "merged" / "toy.json").read_text())
     for section in ("test_time", "ablation", "training"):
         assert merged[section] == parallel[section], section
     assert "--merge" in merged["command"] and "--skip" in merged["command"]
     with pytest.raises(SystemExit, match="two parts"):
-        bench.main(["toy", "--merge", parts[0], parts[0], "--out", str(tmp_path / "twice")])
+        main(["toy", "--merge", parts[0], parts[0], "--out", str(tmp_path / "twice")])
 
 
 def test_training_table_reports_first_last_and_the_best_evaluation_between():
