@@ -42,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(family: str, work: Path, quick: bool) -> dict:
     from rgrl import steer
+    from rgrl.bench.toy import versions
     from rgrl.recipe import load_recipe
 
     scale = ["--seeds", "[1]", "--prompts.num_prompts", "4", "--batch_size", "16"] if quick else []
@@ -51,7 +52,8 @@ def run(family: str, work: Path, quick: bool) -> dict:
         recipe = load_recipe(f"recipes/steer_toy_{family}.yaml", steer.SteerRecipe,
                              [*scale, "--equal_compute_bon", "false", "--output_dir", str(output), *overrides])
         results[name] = steer.run(recipe)
-    return {"family": family, "settings": SETTINGS, "results": results, "minutes": (time.time() - started) / 60}
+    return {"family": family, "settings": SETTINGS, "results": results, "minutes": (time.time() - started) / 60,
+            "versions": versions()}
 
 
 def _value(cell):
@@ -73,6 +75,12 @@ def _fmt(cell) -> str:
     return f"{cell:.3g}" if isinstance(cell, float) else str(cell)
 
 
+def _fmt_versions(versions: dict | None) -> str:
+    if not versions:
+        return "code version not recorded"
+    return ", ".join(f"{name} {value}" for name, value in versions.items())
+
+
 def write_report(report: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     exact = {row["method"]: row for row in report["results"]["exact"]}
@@ -81,7 +89,8 @@ def write_report(report: dict, out: Path) -> None:
                ("s / prompt", "seconds_per_prompt")]
     lines = ["# Cache mode in the toy world", "",
              f"`{report['command']}` — {report['family']} family, recipes/steer_toy_{report['family']}.yaml, "
-             f"{report['minutes']:.1f} min. Mean ± SEM over seeds; Δ is against exact sampling (same prompts and seeds), "
+             f"{report['minutes']:.1f} min, {_fmt_versions(report.get('versions'))}. Mean ± SEM over seeds; Δ is against "
+             "exact sampling (same prompts and seeds), "
              "± the SEM of a difference of independent means.",
              "", "| setting | method | " + " | ".join(label for label, _ in columns)
              + " | Δ Top@1 | Δ ground truth | GFLOP vs exact |", "|" + "---|" * (len(columns) + 5)]
