@@ -279,6 +279,8 @@ def test_guidance_config_validation():
         GuidanceConfig(steps=0)
     with pytest.raises(ValueError, match="lr"):
         GuidanceConfig(lr=0.0)
+    with pytest.raises(ValueError, match="chunk_rows"):
+        GuidanceConfig(chunk_rows=0)
     with pytest.raises(ValueError, match="unguided"):
         RewardGuidance(GuidanceConfig(method="none"), LinearReward(torch.zeros(D), torch.zeros(V, D)), IdentityBridge(),
                        stop_token_ids=(STOP,))
