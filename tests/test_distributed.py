@@ -111,10 +111,11 @@ STUBS = {  # stand-ins for SLURM and the launcher: srun runs its command once pe
     "scontrol": '[ "$1 $2" = "show hostnames" ] && printf "gpu-node-07\\ngpu-node-08\\n"\n'
                 '[ "$1" = requeue ] && echo "requeue $2" >> "$STUB_LOG.events"\nexit 0\n',
     "srun": 'while [ "${1#--}" != "$1" ]; do shift; done\n'
-            'trap \'kill -USR1 $task\' USR1\n'
+            'trap \'kill -USR1 $task; signalled=1\' USR1\n'
             'for node in $(seq 0 $((SLURM_NNODES - 1))); do\n'
             '  SLURM_NODEID=$node "$@" & task=$!\n'
             '  while ! wait $task; do kill -0 $task 2>/dev/null || exit 1; done\n'
+            '  if [ -n "$signalled" ]; then exit 0; fi  # real srun runs the nodes at once: none starts after it\n'
             'done\n',
     "accelerate": 'trap \'echo "launcher got USR1" >> "$STUB_LOG.events"; exit 0\' USR1\n'
                   'printf "%s\\n" "$@" "--end--" >> "$STUB_LOG"\nsleep "${STUB_SLEEP:-0}" & wait\n',
