@@ -150,8 +150,9 @@ class IdentityBridge:
         return embeddings.weight.clone()
 
 
-def _guidance(method, steps, lr, u, matrix, measure_gain=False, chunk_rows=512):
-    config = GuidanceConfig(method=method, steps=steps, lr=lr, measure_gain=measure_gain, chunk_rows=chunk_rows)
+def _guidance(method, steps, lr, u, matrix, measure_gain=False, chunk_rows=512, compile=False):
+    config = GuidanceConfig(method=method, steps=steps, lr=lr, measure_gain=measure_gain, chunk_rows=chunk_rows,
+                            compile=compile)
     return RewardGuidance(config, LinearReward(u, matrix), IdentityBridge(), stop_token_ids=(STOP,))
 
 
@@ -159,12 +160,21 @@ def _hook(guidance, rows, slots, temperature=0.7, top_p=None, top_k=None, seed=0
     return guidance.bind(["p"] * rows, slots, temperature, top_p, top_k, torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("method,steps,lr,top_p,top_k", [
-    ("expectation", 1, 0.5, None, None), ("expectation", 3, 0.25, None, None),
-    ("entrgi", 3, 0.5, 0.95, None), ("aps", 1, 0.5, 0.9, 4), ("entrgi", 2, 0.5, None, 3),
-])
-def test_guidance_step_equals_the_naive_reference(method, steps, lr, top_p, top_k):
-    """Chunked, in place, closed-form first step — and still the paper's M Adam steps on φ, sample for sample."""
+GUIDANCE_CASES = [("expectation", 1, 0.5, None, None), ("expectation", 3, 0.25, None, None),
+                  ("entrgi", 3, 0.5, 0.95, None), ("aps", 1, 0.5, 0.9, 4), ("entrgi", 2, 0.5, None, 3)]
+
+
+def _compiled_case(case):  # each compiles its own kernels (seconds on a CPU): one by default, the rest in -m slow
+    return pytest.param(*case, True, id=f"compiled-{case[0]}-{case[1]}",
+                        marks=() if case[:2] == ("entrgi", 3) else pytest.mark.slow)
+
+
+@pytest.mark.parametrize("method,steps,lr,top_p,top_k,compile", [
+    *[pytest.param(*case, False, id=f"eager-{case[0]}-{case[1]}") for case in GUIDANCE_CASES],
+    *map(_compiled_case, GUIDANCE_CASES)])
+def test_guidance_step_equals_the_naive_reference(method, steps, lr, top_p, top_k, compile):
+    """Chunked, in place, closed-form first step — and still the paper's M Adam steps on φ, sample for sample; the
+    same with the vocabulary chains compiled into fused kernels (guidance.compile)."""
     torch.manual_seed(0)
     B, L = 2, 4
     matrix, u = torch.randn(V, D), torch.randn(D)
@@ -174,7 +184,7 @@ def test_guidance_step_equals_the_naive_reference(method, steps, lr, top_p, top_
     phi = torch.randn(int(masked.sum()), V)
     phi[:, STOP] = -math.inf  # no stop token anywhere, so every slot counts and the naive objective is the same
     start = phi.clone()
-    guidance = _guidance(method, steps, lr, u, matrix, chunk_rows=2)
+    guidance = _guidance(method, steps, lr, u, matrix, chunk_rows=2, compile=compile)
     stats = GuidanceStats()
     guided = _hook(guidance, B, L, top_p=top_p, top_k=top_k)(phi, tokens, masked, stats)
 
@@ -284,3 +294,21 @@ def test_guidance_config_validation():
     with pytest.raises(ValueError, match="unguided"):
         RewardGuidance(GuidanceConfig(method="none"), LinearReward(torch.zeros(D), torch.zeros(V, D)), IdentityBridge(),
                        stop_token_ids=(STOP,))
+
+
+def test_guidance_compile_compiles_every_vocabulary_chain_and_names_the_fix_when_it_cannot(monkeypatch):
+    compiled = []
+
+    def failing_compile(function, dynamic):
+        compiled.append((function.__name__, dynamic))
+
+        def run(*args):
+            raise torch._dynamo.exc.BackendCompilerFailed(function, RuntimeError("no C++ compiler found"), None)
+        return run
+
+    monkeypatch.setattr(torch, "compile", failing_compile)
+    guidance = _guidance("entrgi", 1, 0.5, torch.randn(D), torch.randn(V, D), compile=True)
+    assert compiled == [("proposal_chunk", True), ("soft_embedding_grad", True), ("adam_first_step", True)]
+    tokens, masked = torch.full((1, 2), 9), torch.ones(1, 2, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="guidance.compile: false"):
+        _hook(guidance, 1, 2)(torch.randn(2, V), tokens, masked)

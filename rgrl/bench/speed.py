@@ -12,20 +12,22 @@ and L masked slots). It then times, interleaved over `--repeats` rounds (medians
     guidance_update       the soft path's gradient and the Adam step on φ
     sample_reveal         drawing tokens at the masked slots, ranking and revealing them
 and the wholes: `guided_step` and `unguided_step` (the sampler's `denoise_step`), `guidance` (the M inner steps as
-the sampler runs them) and, with `--oracle`, `naive_guidance` (tests/oracles.py: the paper's reference written
+the sampler runs them), with `--compile` `guidance_compiled` (the same with `guidance.compile`: its vocabulary chains
+fused by torch.compile) and, with `--oracle`, `naive_guidance` (tests/oracles.py: the paper's reference written
 directly — autograd through a full-vocabulary softmax, a full sort for top-p, torch.optim.Adam).
 
 Per part it reports the median time, the peak memory added while it runs (CPU: the process's peak resident set,
 reset before each part; CUDA: the allocator's peak), its FLOPs (`rgrl.models.flops`) and the fraction of the FLOP
-floor (FLOPs over the matmul throughput measured at start, divided by the time). For `guidance` and
-`naive_guidance` it also counts memory traffic: the bytes every tensor operation reads and writes, per masked
-position. Last, the FLOP model of a paper-sized RGRL rollout. The report goes to `--out` as REPORT.md, REPORT.csv
+floor (FLOPs over the matmul throughput measured at start, divided by the time). For the guidance parts it also
+counts memory traffic per masked position: the bytes every tensor operation reads and writes (for compiled kernels,
+every generated kernel, as inductor counts them). What a part updates in place is copied before it is measured. Last, the FLOP model of a paper-sized RGRL rollout. The report goes to `--out` as REPORT.md, REPORT.csv
 and REPORT.json (`--report`, default `speed`).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import dataclasses
 import gc
@@ -36,6 +38,7 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +47,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from rgrl.guidance import GuidanceConfig, GuidanceStats, RewardGuidance
-from rgrl.guidance.estimators import FreshAdam
+from rgrl.guidance.estimators import FreshAdam, VocabularyKernels
 from rgrl.models.flops import TransformerShape, soft_embedding_flops
 from rgrl.sampling import DiffusionSampler, SamplerConfig
 from rgrl.sampling.sampler import GenerationStats
@@ -72,6 +75,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--slots", type=int, default=None, help="masked completion slots per row (default per shape)")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds; times are medians")
     parser.add_argument("--oracle", action="store_true", help="also run the naive guidance (tests/oracles.py)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also run guidance with its vocabulary chains compiled (guidance.compile)")
+    parser.add_argument("--parts", nargs="+", default=None, metavar="PART",
+                        help="measure only these parts (default: all; module docstring)")
     parser.add_argument("--rollout", type=int, default=0, metavar="R",
                         help="also time whole guided rollouts (T = L steps), exact against the cache mode with "
                              "prompt_cache_refresh R")
@@ -88,7 +95,7 @@ def main(argv: list[str] | None = None) -> None:
         rows, prompt_length, slots = DEFAULT_CANVAS[name]
         canvas = (args.rows or rows, args.prompt_length or prompt_length, args.slots or slots)
         setup = build(name, torch.device(args.device), dtype, args.layers, canvas, SETTINGS[args.setting])
-        results.append(measure(setup, args.repeats, args.oracle, throughput))
+        results.append(measure(setup, args.repeats, args.oracle, args.compile, throughput, args.parts))
         if args.rollout:
             results[-1]["rollout"] = rollouts(setup, args.rollout, args.repeats)
         print(format_shape(results[-1]), flush=True)
@@ -184,7 +191,8 @@ def _full_size(device: torch.device, dtype: torch.dtype, layers: int):
     return model, family, tokenizer, RewardModel(rm, build_tokenizer("qwen"))
 
 
-def measure(setup: Setup, repeats: int, oracle: bool, throughput: float) -> dict:
+def measure(setup: Setup, repeats: int, oracle: bool, compiled: bool, throughput: float,
+            only: list[str] | None = None) -> dict:
     """Time, peak memory, FLOPs and (for the guidance) memory traffic of every part of one guided step."""
     sampler, guidance = setup.sampler, setup.guidance
     config, family = sampler.config, sampler.family
@@ -192,9 +200,9 @@ def measure(setup: Setup, repeats: int, oracle: bool, throughput: float) -> dict
     slots = setup.canvas[:, -config.completion_length:]
     masked = slots == family.mask_token_id
 
-    def bound(seed: int):
-        return guidance.bind(setup.prompts, config.completion_length, config.temperature, config.top_p,
-                             config.top_k, torch.Generator(guidance.device).manual_seed(seed))
+    def bound(seed: int, guide: RewardGuidance = guidance):
+        return guide.bind(setup.prompts, config.completion_length, config.temperature, config.top_p, config.top_k,
+                          torch.Generator(guidance.device).manual_seed(seed))
 
     hook = bound(1)
     with torch.no_grad():
@@ -219,53 +227,65 @@ def measure(setup: Setup, repeats: int, oracle: bool, throughput: float) -> dict
         with torch.enable_grad():
             torch.autograd.grad(-hook.rewards(logits, leaf, slots, masked).sum(), leaf)
 
-    def update():
-        phi = logits.clone()
-        hook.update(FreshAdam(phi, lr=guidance.config.lr, steps=1), phi, grad_embeds)
-
     def step_with(guide):
-        return lambda: sampler.denoise_step(setup.canvas.clone(), setup.attention_mask, step, guide,
-                                            GenerationStats(rows=rows), torch.Generator(logits.device).manual_seed(2))
+        return Part(lambda: (setup.canvas.clone(),), lambda canvas: sampler.denoise_step(
+            canvas, setup.attention_mask, step, guide, GenerationStats(rows=rows),
+            torch.Generator(logits.device).manual_seed(2)))
 
+    fresh_logits = lambda: (logits.clone(),)  # noqa: E731 -- each run updates its own φ, copied before it starts
     parts = {
-        "dllm_layers": lambda: base.model(input_ids=setup.canvas, attention_mask=setup.attention_mask),
-        "dllm_head": lambda: base.get_output_embeddings()(hidden[keep]),
-        "guidance_proposals": lambda: hook.proposals(logits),
-        "rm_forward_backward": rm_pass,
-        "guidance_update": update,
-        "sample_reveal": lambda: sampler._reveal(slots.clone(), masked, logits, logits, step,
-                                                 torch.Generator(logits.device).manual_seed(3)),
-        "guidance": lambda: hook(logits.clone(), slots, masked, GuidanceStats()),
+        "dllm_layers": Part(None, lambda: base.model(input_ids=setup.canvas, attention_mask=setup.attention_mask)),
+        "dllm_head": Part(None, lambda: base.get_output_embeddings()(hidden[keep])),
+        "guidance_proposals": Part(None, lambda: hook.proposals(logits)),
+        "rm_forward_backward": Part(None, rm_pass),
+        "guidance_update": Part(fresh_logits, lambda phi: hook.update(
+            FreshAdam(phi, lr=guidance.config.lr, steps=1), phi, grad_embeds)),
+        "sample_reveal": Part(lambda: (slots.clone(),), lambda tokens: sampler._reveal(
+            tokens, masked, logits, logits, step, torch.Generator(logits.device).manual_seed(3))),
+        "guidance": Part(fresh_logits, lambda phi: hook(phi, slots, masked, GuidanceStats())),
         "guided_step": step_with(hook),
         "unguided_step": step_with(None),
     }
+    agreement = {}
+    if compiled:
+        compiled_guidance = copy.copy(guidance)
+        compiled_guidance.config = dataclasses.replace(guidance.config, compile=True)
+        compiled_guidance.kernels = VocabularyKernels.compiled()
+        compiled_hook = bound(1, compiled_guidance)
+        parts["guidance_compiled"] = Part(fresh_logits, lambda phi: compiled_hook(phi, slots, masked, GuidanceStats()))
+        agreement["compiled"] = _agreement(bound(5, compiled_guidance)(logits.clone(), slots, masked),
+                                           bound(5)(logits.clone(), slots, masked))
     if oracle:
         naive = _naive_guidance(hook, logits, slots, masked)
-        parts["naive_guidance"] = naive
-        phi_exact = bound(5)(logits.clone(), slots, masked)
-        phi_naive = naive(seed=5)
-        finite = torch.isfinite(phi_naive)  # impossible tokens stay at -inf in both
-        agreement = {"max_abs_phi_difference": float((phi_exact - phi_naive)[finite].abs().max()),
-                     "same_argmax": bool(torch.equal(phi_exact.argmax(-1), phi_naive.argmax(-1)))}
-    else:
-        agreement = None
+        parts["naive_guidance"] = Part(None, naive)
+        agreement["naive"] = _agreement(bound(5)(logits.clone(), slots, masked), naive(seed=5))
+    if only:
+        unknown = sorted(set(only) - set(parts))
+        if unknown:
+            raise SystemExit(f"--parts: unknown {unknown}; the parts are {sorted(parts)} (--compile and --oracle add "
+                             "guidance_compiled and naive_guidance).")
+        parts = {name: part for name, part in parts.items() if name in only}
     times = {name: [] for name in parts}
     names = list(parts)
     for round_ in range(repeats + 1):  # round 0 warms up; each round starts at another part (no fixed neighbours)
         for name in names[round_ % len(names):] + names[: round_ % len(names)]:
-            run = parts[name]
+            inputs = parts[name].inputs()
             _synchronize(logits.device)
             start = time.perf_counter()
             with torch.no_grad():
-                run()
+                parts[name].run(*inputs)
             _synchronize(logits.device)
             if round_:
                 times[name].append(time.perf_counter() - start)
-    memory = {name: peak_memory_added(run, logits.device) for name, run in parts.items()}
+            del inputs
+    memory = {name: peak_memory_added(part, logits.device) for name, part in parts.items()}
     traffic = {name: memory_traffic(parts[name]) / num_masked for name in ("guidance", "naive_guidance") if name in parts}
+    if "guidance_compiled" in parts:
+        traffic["guidance_compiled"] = compiled_memory_traffic(parts["guidance_compiled"], compiled_guidance) / num_masked
 
     flops = step_flops(sampler.model, guidance, rows, width, num_masked, hook.scorer)
     flops["guided_step"] = flops["dllm_layers"] + flops["dllm_head"] + flops["guidance"]
+    flops["guidance_compiled"] = flops["guidance"]
     flops["unguided_step"] = flops["dllm_layers"] + flops["dllm_head"]
     table = []
     for name in parts:
@@ -278,15 +298,36 @@ def measure(setup: Setup, repeats: int, oracle: bool, throughput: float) -> dict
             row["traffic_mb_per_position"] = traffic[name] / 1e6
         table.append(row)
     seconds = {row["part"]: row["seconds"] for row in table}
-    passes = seconds["dllm_layers"] + seconds["dllm_head"] + guidance.config.steps * seconds["rm_forward_backward"]
-    summary = {"guided_step_over_model_passes": seconds["guided_step"] / passes}
-    if oracle:
-        summary["guidance_time_over_naive"] = seconds["guidance"] / seconds["naive_guidance"]
-        summary["guidance_memory_over_naive"] = memory["guidance"] / max(memory["naive_guidance"], 1)
+    summary = {}
+    if {"dllm_layers", "dllm_head", "rm_forward_backward", "guided_step"} <= set(seconds):
+        passes = seconds["dllm_layers"] + seconds["dllm_head"] + guidance.config.steps * seconds["rm_forward_backward"]
+        summary["guided_step_over_model_passes"] = seconds["guided_step"] / passes
+    for variant in ("guidance", "guidance_compiled"):
+        if variant in seconds and "naive_guidance" in seconds:
+            summary[f"{variant}_time_over_naive"] = seconds[variant] / seconds["naive_guidance"]
+            summary[f"{variant}_memory_over_naive"] = memory[variant] / max(memory["naive_guidance"], 1)
     return {"shape": setup.name, "rows": rows, "prompt_length": width - config.completion_length,
             "slots": config.completion_length, "masked": num_masked, "vocab": vocab,
             "embedding_dim": guidance.embedding_matrix.shape[1], "parts": table, "summary": summary,
             "agreement": agreement}
+
+
+@dataclass
+class Part:
+    """A measured piece of work: `run(*inputs())`, with its inputs (fresh copies of what it updates in place) made
+    before the measurement starts, so neither their time, memory nor traffic is counted."""
+
+    make_inputs: object  # () -> tuple, or None for no inputs
+    run: object
+
+    def inputs(self) -> tuple:
+        return self.make_inputs() if self.make_inputs else ()
+
+
+def _agreement(phi: torch.Tensor, reference: torch.Tensor) -> dict:
+    finite = torch.isfinite(reference)  # impossible tokens stay at -inf in both
+    return {"max_abs_phi_difference": float((phi - reference)[finite].abs().max()),
+            "same_argmax": bool(torch.equal(phi.argmax(-1), reference.argmax(-1)))}
 
 
 def rollouts(setup: Setup, refresh: int, repeats: int) -> list[dict]:
@@ -423,23 +464,24 @@ def _resident(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
-def peak_memory_added(run, device: torch.device) -> int:
-    """Bytes by which memory peaks above its level before `run()`: the CUDA allocator's peak, or on the CPU the
-    process's peak resident set (Linux: reset through /proc/self/clear_refs before the run)."""
+def peak_memory_added(part: Part, device: torch.device) -> int:
+    """Bytes by which memory peaks above its level before the part runs (its inputs already made): the CUDA
+    allocator's peak, or on the CPU the process's peak resident set (Linux: reset through /proc/self/clear_refs)."""
+    inputs = part.inputs()
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
         with torch.no_grad():
-            run()
+            part.run(*inputs)
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")
     before = _resident("VmRSS")
     with torch.no_grad():
-        run()
+        part.run(*inputs)
     return max(_resident("VmHWM") - before, 0)
 
 
@@ -465,11 +507,58 @@ class _TrafficCounter(TorchDispatchMode):
         return out
 
 
-def memory_traffic(run) -> int:
-    """Bytes read and written by the tensor operations of `run()` (each operand counted once per operation)."""
+def memory_traffic(part: Part | Callable) -> int:
+    """Bytes read and written by the tensor operations of a part (or a callable), each operand counted once per
+    operation; the part's inputs are made before counting starts."""
+    part = part if isinstance(part, Part) else Part(None, part)
+    inputs = part.inputs()
     with _TrafficCounter() as counter, torch.no_grad():
-        run()
+        part.run(*inputs)
     return counter.bytes
+
+
+def compiled_memory_traffic(part: Part, guidance: RewardGuidance) -> int:
+    """`memory_traffic` of a part that runs guidance's compiled vocabulary kernels: the eager operations around them
+    as above, and for each compiled kernel call the bytes its generated kernels read and write, as inductor counts
+    them for the graph it compiled (each buffer once per generated kernel; a fused kernel's repeated passes over a
+    row that stays in cache count once). Compiles afresh, without inductor's caches, so every graph is counted;
+    every call of a kernel must have the shapes it was compiled for (all chunks of φ equally long)."""
+    import logging
+
+    from torch._inductor import compile_fx, metrics
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    metrics_log = logging.getLogger(compile_fx.inductor_metrics_log.name)
+    saved_log = (metrics_log.level, metrics_log.propagate, metrics_log.handlers[:])
+    metrics_log.setLevel(logging.INFO)  # inductor counts bytes only when this log is enabled
+    metrics_log.propagate, metrics_log.handlers = False, [logging.NullHandler()]
+    kernels, counted, per_call = guidance.kernels, [0], {}
+
+    def counting(kernel):
+        def run(*args):
+            key = (kernel.__name__, *(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args))
+            before = metrics.num_bytes_accessed
+            with _disable_current_modes():  # the compiled kernel runs as compiled, unseen by the eager counter
+                out = kernel(*args)
+            if metrics.num_bytes_accessed != before:
+                per_call[key] = metrics.num_bytes_accessed - before
+            if key not in per_call:
+                raise RuntimeError(f"{kernel.__name__} was called with shapes it was not counted for: make the "
+                                   "masked rows a multiple of guidance.chunk_rows.")
+            counted[0] += per_call[key]
+            return out
+        return run
+
+    torch._dynamo.reset()
+    guidance.kernels = VocabularyKernels(*(counting(getattr(kernels, f.name)) for f in dataclasses.fields(kernels)))
+    try:
+        with torch._inductor.config.patch(fx_graph_cache=False):
+            eager = memory_traffic(part)
+    finally:
+        guidance.kernels = kernels
+        metrics_log.setLevel(saved_log[0])
+        metrics_log.propagate, metrics_log.handlers = saved_log[1], saved_log[2]
+    return eager + counted[0]
 
 
 def machine(device: str) -> dict:
@@ -509,9 +598,11 @@ def format_shape(result: dict) -> str:
                   "|---|---|---|---|---|---|"]
         lines += [f"| {r['variant']} | {r['steps']} | {_fmt(r['seconds'])} | {_fmt(r['flops'] / 1e9)} | "
                   f"{_fmt(r['speedup'])} | {_fmt(r['flop_ratio'])} |" for r in result["rollout"]]
-    if result["agreement"]:
-        lines.append(f"- exact path vs naive at the same seed: max |Δφ| {_fmt(result['agreement']['max_abs_phi_difference'])}, "
-                     f"same argmax: {result['agreement']['same_argmax']}")
+    for name, against in (("naive", "exact path vs naive"), ("compiled", "compiled vs eager guidance")):
+        if name in result["agreement"]:
+            agreement = result["agreement"][name]
+            lines.append(f"- {against} at the same seed: max |Δφ| {_fmt(agreement['max_abs_phi_difference'])}, "
+                         f"same argmax: {agreement['same_argmax']}")
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -37,6 +38,9 @@ class GuidanceConfig:
     # at M = 3 (docs/design.md §3).
     measure_gain: bool = False
     chunk_rows: int = 512  # rows of φ [N, V] processed together in the vocabulary-wide operations
+    # Fuse each vocabulary-wide chain (proposals, the soft path's gradient, Adam's first step) into a few kernels with
+    # torch.compile: fewer passes over φ and fewer chunk temporaries, the same math (docs/performance.md).
+    compile: bool = False
 
     def __post_init__(self):
         if self.method not in GUIDANCE_METHODS:
@@ -105,6 +109,55 @@ def mixed_embeddings(
     return soft + weight.to(soft.dtype).unsqueeze(-1) * (hard - soft)
 
 
+def proposal_chunk(
+    logits: torch.Tensor,
+    embedding_matrix: torch.Tensor,
+    method: str,
+    temperature: float,
+    top_p: float | None,
+    top_k: int | None,
+    uniform: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Proposals of rows φ [n, V]: the reward model's input embeddings e [n, d] and their weights w [n]."""
+    weight = entropy_weight(method, logits)
+    return mixed_embeddings(logits, embedding_matrix, weight, temperature, top_p, top_k, uniform), weight
+
+
+def adam_first_step(param: torch.Tensor, gradient: torch.Tensor, lr: float, eps: float) -> None:
+    """Adam's first step from zero state, in place on param [n, V]: param −= lr·g/(|g| + eps)."""
+    param.addcdiv_(gradient, gradient.abs().add_(eps), value=-lr)
+
+
+@dataclass(frozen=True)
+class VocabularyKernels:
+    """The vocabulary-wide chains guidance runs on a chunk of rows of φ, eager or each compiled into a few kernels."""
+
+    proposals: Callable = proposal_chunk
+    soft_gradient: Callable = soft_embedding_grad
+    first_adam_step: Callable = adam_first_step
+
+    @classmethod
+    def compiled(cls) -> VocabularyKernels:
+        """The same functions through torch.compile (shapes dynamic: the number of masked rows changes every step)."""
+        return cls(*(_compiled(function) for function in (proposal_chunk, soft_embedding_grad, adam_first_step)))
+
+
+def _compiled(function: Callable) -> Callable:
+    compiled = torch.compile(function, dynamic=True)
+
+    def run(*args):
+        try:
+            return compiled(*args)
+        except torch._dynamo.exc.BackendCompilerFailed as error:  # e.g. no C++ compiler (CPU) or Triton (CUDA)
+            raise RuntimeError(
+                f"guidance.compile: torch.compile could not build {function.__name__} ({error.__class__.__name__}: "
+                f"{str(error).splitlines()[0] if str(error) else ''}). It needs a C++ compiler on CPU and Triton on "
+                "CUDA; set guidance.compile: false to run the same math eagerly.") from error
+
+    run.__name__ = function.__name__
+    return run
+
+
 def row_chunks(num_rows: int, chunk_rows: int) -> list[slice]:
     """Slices covering 0..num_rows in pieces of at most chunk_rows."""
     return [slice(start, min(start + chunk_rows, num_rows)) for start in range(0, num_rows, chunk_rows)]
@@ -170,6 +223,7 @@ class RewardGuidance:
             embedding_matrix[list(self.stop_token_ids)] = reward_model.input_embeddings(end_of_turn).to(
                 embedding_matrix.dtype)
         self.embedding_matrix = embedding_matrix
+        self.kernels = VocabularyKernels.compiled() if config.compile else VocabularyKernels()
 
     @property
     def device(self) -> torch.device:
@@ -226,7 +280,7 @@ class GuidanceHook:
         config = self.guidance.config
         tokens, masked = tokens.to(self.guidance.device), masked.to(self.guidance.device)
         phi = logits.to(device=self.guidance.device, dtype=torch.float32)  # the same tensor when it already lives there
-        adam = FreshAdam(phi, lr=config.lr, steps=config.steps)
+        adam = FreshAdam(phi, lr=config.lr, steps=config.steps, first_step=self.guidance.kernels.first_adam_step)
         for step in range(config.steps):
             embeds, weight = self.proposals(phi)
             rewards = self.rewards(phi, embeds.requires_grad_(), tokens, masked)
@@ -258,9 +312,9 @@ class GuidanceHook:
         embeds = matrix.new_empty((phi.shape[0], matrix.shape[1]))
         weight = phi.new_empty(phi.shape[0])
         for rows in row_chunks(phi.shape[0], config.chunk_rows):
-            weight[rows] = entropy_weight(config.method, phi[rows])
-            embeds[rows] = mixed_embeddings(phi[rows], matrix, weight[rows], self.temperature, self.top_p, self.top_k,
-                                            None if uniform is None else uniform[rows])
+            embeds[rows], weight[rows] = guidance.kernels.proposals(phi[rows], matrix, config.method, self.temperature,
+                                                                    self.top_p, self.top_k,
+                                                                    None if uniform is None else uniform[rows])
         return embeds, weight
 
     def rewards(self, phi: torch.Tensor, embeds: torch.Tensor, tokens: torch.Tensor, masked: torch.Tensor):
@@ -275,20 +329,21 @@ class GuidanceHook:
     def update(self, adam: FreshAdam, phi: torch.Tensor, grad_embeds: torch.Tensor) -> None:
         """One Adam step on φ [N, V] in place, from the reward's gradient w.r.t. the proposals' embeddings [N, d]."""
         chunks = row_chunks(phi.shape[0], self.guidance.config.chunk_rows)
-        matrix = self.guidance.embedding_matrix
-        adam.step((rows, soft_embedding_grad(phi[rows], grad_embeds[rows], matrix, self.temperature))
-                  for rows in chunks)
+        matrix, soft_gradient = self.guidance.embedding_matrix, self.guidance.kernels.soft_gradient
+        adam.step((rows, soft_gradient(phi[rows], grad_embeds[rows], matrix, self.temperature)) for rows in chunks)
 
 
 class FreshAdam:
     """Adam on φ [N, V] from zero state (torch.optim.Adam's update, default betas/eps), given its gradient in chunks.
 
     The first step is the closed form lr·g/(|g| + eps); the moment buffers (each as large as φ) exist only when more
-    steps follow (M >= 2), so M = 1 — the RGRL rollout setting — never holds a full gradient.
+    steps follow (M >= 2), so M = 1 — the RGRL rollout setting — never holds a full gradient. `first_step` is
+    `adam_first_step` or its compiled form.
     """
 
-    def __init__(self, param: torch.Tensor, lr: float, steps: int, betas=(0.9, 0.999), eps: float = 1e-8):
-        self.param, self.lr, self.betas, self.eps = param, lr, betas, eps
+    def __init__(self, param: torch.Tensor, lr: float, steps: int, betas=(0.9, 0.999), eps: float = 1e-8,
+                 first_step: Callable = adam_first_step):
+        self.param, self.lr, self.betas, self.eps, self.first_step = param, lr, betas, eps, first_step
         self.count = 0
         self.exp_avg = torch.empty_like(param) if steps > 1 else None
         self.exp_avg_sq = torch.empty_like(param) if steps > 1 else None
@@ -301,7 +356,7 @@ class FreshAdam:
         for rows, gradient in gradients:
             param = self.param[rows]
             if self.count == 1:
-                param.addcdiv_(gradient, gradient.abs().add_(self.eps), value=-self.lr)
+                self.first_step(param, gradient, self.lr, self.eps)
                 if self.exp_avg is not None:
                     self.exp_avg[rows] = (1 - beta1) * gradient
                     self.exp_avg_sq[rows] = (1 - beta2) * gradient.square()
