@@ -352,18 +352,22 @@ class FreshAdam:
     def step(self, gradients) -> None:
         """One step; `gradients` yields (rows, g [rows, V]) covering φ, each computed before its rows change."""
         self.count += 1
-        beta1, beta2 = self.betas
         for rows, gradient in gradients:
-            param = self.param[rows]
-            if self.count == 1:
-                self.first_step(param, gradient, self.lr, self.eps)
-                if self.exp_avg is not None:
-                    self.exp_avg[rows] = (1 - beta1) * gradient
-                    self.exp_avg_sq[rows] = (1 - beta2) * gradient.square()
-                continue
-            exp_avg, exp_avg_sq = self.exp_avg[rows], self.exp_avg_sq[rows]
-            exp_avg.mul_(beta1).add_(gradient, alpha=1 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
-            bias1, bias2 = 1 - beta1**self.count, 1 - beta2**self.count
-            denom = (exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(self.eps)
-            param.addcdiv_(exp_avg, denom, value=-self.lr / bias1)
+            self._step_rows(rows, gradient)
+            del gradient  # free this chunk's gradient before the generator computes the next one
+
+    def _step_rows(self, rows: slice, gradient: torch.Tensor) -> None:
+        beta1, beta2 = self.betas
+        param = self.param[rows]
+        if self.count == 1:
+            self.first_step(param, gradient, self.lr, self.eps)
+            if self.exp_avg is not None:
+                self.exp_avg[rows] = (1 - beta1) * gradient
+                self.exp_avg_sq[rows] = (1 - beta2) * gradient.square()
+            return
+        exp_avg, exp_avg_sq = self.exp_avg[rows], self.exp_avg_sq[rows]
+        exp_avg.mul_(beta1).add_(gradient, alpha=1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(gradient, gradient, value=1 - beta2)
+        bias1, bias2 = 1 - beta1**self.count, 1 - beta2**self.count
+        denom = (exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(self.eps)
+        param.addcdiv_(exp_avg, denom, value=-self.lr / bias1)
