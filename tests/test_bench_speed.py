@@ -47,3 +47,18 @@ def test_cache_bench_quick_writes_the_report_and_plot(tmp_path):
     assert list(report["results"]) == ["exact", "prompt cache r=4", "threshold 0.9", "prompt cache r=4 + threshold 0.9"]
     text = (tmp_path / "cache.md").read_text()
     assert "| prompt cache r=4 | entrgi |" in text and (tmp_path / "cache.png").stat().st_size > 0
+
+
+def test_compiled_traffic_counts_each_generated_kernel_buffer_once():
+    """Adam's first step fused: one kernel reading φ and g and writing φ, against eight passes eagerly."""
+    from types import SimpleNamespace
+
+    from rgrl.bench.speed import Part, compiled_memory_traffic
+    from rgrl.guidance.estimators import VocabularyKernels, adam_first_step
+
+    param, gradient = torch.randn(4, 1000), torch.randn(4, 1000)
+    guidance = SimpleNamespace(kernels=VocabularyKernels.compiled())
+    part = Part(lambda: (param.clone(),), lambda phi: guidance.kernels.first_adam_step(phi, gradient, 0.5, 1e-8))
+    fused = compiled_memory_traffic(part, guidance)
+    assert 3 * param.numel() * 4 <= fused <= 3 * param.numel() * 4 + 64  # + its scalar arguments
+    assert memory_traffic(lambda: adam_first_step(param.clone(), gradient, 0.5, 1e-8)) == (2 + 8) * param.numel() * 4
