@@ -1,6 +1,7 @@
 """RGRL and diffu-GRPO trainers for masked diffusion LMs, on TRL's GRPO loop."""
 
-from rgrl.trainers.base import MaskedDiffusionConfig, MaskedDiffusionTrainer, sync_sampling_args
+from rgrl.trainers.base import MaskedDiffusionTrainer
+from rgrl.trainers.config import MaskedDiffusionConfig
 from rgrl.trainers.callbacks import MetricsFileCallback
 from rgrl.trainers.diffu_grpo_config import DiffuGRPOConfig
 from rgrl.trainers.diffu_grpo_trainer import DiffuGRPOTrainer, clipped_surrogate, group_advantages, k3_kl
@@ -23,6 +24,5 @@ __all__ = [
     "k3_kl",
     "sample_weights",
     "sequence_log_likelihood",
-    "sync_sampling_args",
     "token_weights",
 ]

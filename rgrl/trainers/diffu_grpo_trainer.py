@@ -64,10 +64,7 @@ class DiffuGRPOTrainer(MaskedDiffusionTrainer):
         "    eprint  = {arXiv:2504.12216},\n}",
     }
 
-    def __init__(self, model, reward_funcs, args: DiffuGRPOConfig, **kwargs):
-        if not isinstance(args, DiffuGRPOConfig):
-            raise TypeError(f"DiffuGRPOTrainer needs a DiffuGRPOConfig, got {type(args).__name__}.")
-        super().__init__(model, reward_funcs, args, **kwargs)
+    _config_class = DiffuGRPOConfig
 
     def _per_sample_signal(self, rewards: torch.Tensor, group_size: int) -> torch.Tensor:
         return group_advantages(rewards, group_size, self.args.scale_rewards)
