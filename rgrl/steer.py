@@ -1,4 +1,5 @@
-"""Test-time reward guidance and its evaluation: `python -m rgrl.steer RECIPE.yaml [--key value …] [--dry_run]`.
+"""Test-time reward guidance and its evaluation: `python -m rgrl.steer RECIPE.yaml [--key value …] [--dry_run]`
+(`--help` lists every recipe key).
 
 For every seed, the recipe's prompts (a fresh subset per seed for the benchmarks) are sampled K times with each
 method — `none` (unguided; Best-of-N with N = K is its Top@1), `expectation`, `aps`, `entrgi` — and every
@@ -21,7 +22,6 @@ over the best sample of each prompt and over all samples.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -36,6 +36,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
+from rgrl import cli
 from rgrl.data import PromptDataConfig, check_prompt_source, load_prompts
 from rgrl.guidance import GUIDANCE_METHODS, GuidanceConfig, RewardGuidance
 from rgrl.models.flops import TransformerShape
@@ -93,18 +94,16 @@ class MethodRun:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m rgrl.steer", description=__doc__.split("\n")[0])
-    parser.add_argument("recipe", help="YAML recipe (see recipes/steer_*.yaml)")
-    parser.add_argument("--dry_run", action="store_true", help="validate and print the resolved recipe, load nothing")
-    args, overrides = parser.parse_known_args(argv)
+    command = cli.parse_command_line("python -m rgrl.steer", __doc__, argv, lambda: [SteerRecipe])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        recipe = load_recipe(args.recipe, SteerRecipe, overrides)
+        recipe = load_recipe(command.recipe, SteerRecipe, command.overrides)
         check_before_loading(recipe)
     except (RecipeError, FileNotFoundError, ValueError, ImportError) as error:
-        sys.exit(f"error: {args.recipe}: {error}" if not str(error).startswith(str(args.recipe)) else f"error: {error}")
+        where = "" if str(error).startswith(command.recipe) else f"{command.recipe}: "
+        sys.exit(f"error: {where}{error}")
     print(json.dumps(to_plain(recipe), indent=2))
-    if args.dry_run:
+    if command.dry_run:
         return
     run(recipe)
 

@@ -9,10 +9,8 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from rgrl.guidance import GuidanceConfig, RewardGuidance
 from rgrl.models.loading import load_dllm
-from rgrl.rewards import RewardModel, RewardModelFunction, VocabBridge
-from rgrl.sampling import SamplerConfig
+from rgrl.rewards import RewardModel, RewardModelFunction
 from rgrl.trainers import (
     DiffuGRPOConfig,
     DiffuGRPOTrainer,
@@ -30,8 +28,9 @@ from rgrl.trainers import (
 from rgrl.trainers.base import _TRL_PRIVATE_SURFACE
 
 K = 2
-SAMPLER = SamplerConfig(steps=4, completion_length=8, schedule="linear", temperature=0.9, top_k=50,
-                        deprioritize_eos=False)
+ROLLOUT = dict(diffusion_steps=4, max_completion_length=8, schedule="linear", temperature=0.9, top_k=50,
+               deprioritize_eos=False)
+GUIDANCE = dict(guidance_method="entrgi", guidance_steps=1, guidance_lr=0.5, guidance_measure_gain=True)
 PROMPTS = ["Write about the cat and warm tea.", "Tell me why a dog likes old maps.",
            "Describe the ocean for my friend.", "Explain how a robot found fresh bread."]
 
@@ -55,7 +54,8 @@ def lora_config(family):
 def config_kwargs(tmp_path, **overrides):
     defaults = dict(output_dir=str(tmp_path), bf16=False, activation_checkpointing=False, report_to="none",
                     per_device_train_batch_size=4, num_generations=K, max_steps=2, learning_rate=1e-2,
-                    logging_steps=1, save_strategy="no", seed=0, dataloader_pin_memory=False, disable_tqdm=True)
+                    logging_steps=1, save_strategy="no", seed=0, dataloader_pin_memory=False, disable_tqdm=True,
+                    **ROLLOUT)
     return {**defaults, **overrides}
 
 
@@ -63,17 +63,12 @@ def make_trainer(kind, tmp_path, reward_model, family_name="dream", eval_prompts
                  **overrides):
     """A fresh tiny model in a fresh trainer (PEFT wraps the model in place, so nothing is shared)."""
     loaded = load_dllm(f"tiny:{family_name}", dtype="float32")
-    common = dict(family=loaded.family, sampler_config=SAMPLER, train_dataset=prompt_dataset(),
-                  eval_dataset=prompt_dataset(eval_prompts) if eval_prompts else None,
+    common = dict(train_dataset=prompt_dataset(), eval_dataset=prompt_dataset(eval_prompts) if eval_prompts else None,
                   processing_class=loaded.tokenizer, peft_config=lora_config(loaded.family))
     rewards = [RewardModelFunction(reward_model, "tiny_rm"), *extra_rewards]
     if kind == "rgrl":
-        bridge = VocabBridge(loaded.tokenizer, reward_model.tokenizer,
-                             num_rows=loaded.model.get_input_embeddings().weight.shape[0])
-        config = GuidanceConfig(method="entrgi", steps=1, lr=0.5, measure_gain=True)
-        guidance = RewardGuidance(config, reward_model, bridge, loaded.family.stop_token_ids)
-        args = RGRLConfig(**config_kwargs(tmp_path, **overrides))
-        return RGRLTrainer(loaded.model, rewards, args, guidance=guidance, **common)
+        args = RGRLConfig(**config_kwargs(tmp_path, **{**GUIDANCE, **overrides}))
+        return RGRLTrainer(loaded.model, rewards, args, **common)
     args = DiffuGRPOConfig(**config_kwargs(tmp_path, **overrides))
     return DiffuGRPOTrainer(loaded.model, rewards, args, **common)
 
@@ -223,8 +218,8 @@ def test_kl_needs_lora(tmp_path, reward_model):
     loaded = load_dllm("tiny:dream", dtype="float32")
     with pytest.raises(ValueError, match="needs LoRA"):
         DiffuGRPOTrainer(loaded.model, [RewardModelFunction(reward_model, "rm")],
-                         DiffuGRPOConfig(**config_kwargs(tmp_path, beta=0.04)), family=loaded.family,
-                         sampler_config=SAMPLER, train_dataset=prompt_dataset(), processing_class=loaded.tokenizer)
+                         DiffuGRPOConfig(**config_kwargs(tmp_path, beta=0.04)), train_dataset=prompt_dataset(),
+                         processing_class=loaded.tokenizer)
 
 
 # ------------------------------------------------------------------------------------------------ trainers

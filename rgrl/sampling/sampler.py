@@ -168,7 +168,7 @@ class DiffusionSampler:
         fitted = [self._fit_prompt(prompt, limit) for prompt in prompts]
         cut = sum(a is not b for a, b in zip(prompts, fitted))
         if cut:
-            warnings.warn(f"{cut} of {len(prompts)} prompts are longer than sampler.max_prompt_length={limit} tokens: "
+            warnings.warn(f"{cut} of {len(prompts)} prompts are longer than max_prompt_length={limit} tokens: "
                           "the start of their last user turn is cut (the reward model scores the cut prompts).",
                           stacklevel=2)
         return fitted
@@ -191,7 +191,7 @@ class DiffusionSampler:
             if length(fitted) <= limit:
                 return fitted[turn]["content"] if isinstance(prompt, str) else fitted
             if not kept:
-                raise ValueError(f"sampler.max_prompt_length={limit} is shorter than the chat template around a "
+                raise ValueError(f"max_prompt_length={limit} is shorter than the chat template around a "
                                  f"prompt ({length(fitted)} tokens with an empty user turn); raise it.")
             overflow += 1
 

@@ -46,6 +46,8 @@ from rgrl.trainers.inputs import check_prompt_dataset, load_policy, reward_funct
 from rgrl.trainers.likelihood import completion_log_probs, draw_noise, token_weights
 
 logger = logging.getLogger(__name__)
+# transformers 5 deprecates `is_gradient_checkpointing`, which TRL 1.16 and peft still read (every rollout, in TRL)
+_CHECKPOINTING_DEPRECATION = "`is_gradient_checkpointing` is deprecated"
 
 # TRL 1.16 internals this module relies on (a TRL bump must re-check them; tests/test_trainers.py has a contract test).
 _TRL_PRIVATE_SURFACE = (
@@ -134,6 +136,7 @@ class MaskedDiffusionTrainer(GRPOTrainer, metaclass=abc.ABCMeta):
         self.non_finite_loss = False  # a micro-batch loss of this optimizer step was NaN/inf (read by the guard)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="You are using 'rollout_func'", category=UserWarning)
+            warnings.filterwarnings("ignore", message=_CHECKPOINTING_DEPRECATION, category=FutureWarning)
             super().__init__(
                 model=model,
                 reward_funcs=reward_funcs,
@@ -174,13 +177,11 @@ class MaskedDiffusionTrainer(GRPOTrainer, metaclass=abc.ABCMeta):
     # ------------------------------------------------------------------------------------------------ rollout
     def _rollout(self, prompts: list, trainer=None) -> dict:
         """TRL's rollout seam: this process's prompts (K consecutive copies each) -> unpadded ids per row, and
-        the prompts as the dLLM saw them (`prompts_seen`: cut to `sampler.max_prompt_length`)."""
+        the prompts as the dLLM saw them (`prompts_seen`: cut to `max_prompt_length`)."""
         mode = "train" if self.model.training else "eval"
         guidance = self._guidance(mode)
         with warnings.catch_warnings():
-            # TRL 1.16 reads transformers' deprecated `is_gradient_checkpointing` here: a FutureWarning per rollout
-            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated",
-                                    category=FutureWarning)
+            warnings.filterwarnings("ignore", message=_CHECKPOINTING_DEPRECATION, category=FutureWarning)
             with unwrap_model_for_generation(
                 self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation
             ) as policy:

@@ -68,6 +68,9 @@ class RGRLConfig(MaskedDiffusionConfig):
     def __post_init__(self):
         super().__post_init__()
         self.guidance_config()  # validates the guidance fields
+        if not self.guided and self.guidance_model is not None:
+            raise ValueError(f"guidance_model={self.guidance_model!r} is set but guidance_method is 'none' (unguided "
+                             "rollouts): remove it, or choose a guidance method.")
         if self.bridge_fallback not in ("eos", "zero"):
             raise ValueError(f"bridge_fallback must be 'eos' or 'zero', got {self.bridge_fallback!r}.")
         if self.sample_weighting not in SAMPLE_WEIGHTINGS:
