@@ -14,7 +14,7 @@ A recipe has one section per argument of the trainer (`RGRLTrainer` / `DiffuGRPO
                     or model.lora_target_modules)
     data            `train_dataset` / `eval_dataset` (rgrl.data.PromptDataConfig); num_eval_prompts > 0 holds out
                     prompts for the unguided evaluation
-    rewards         `reward_funcs`: a reward model (`model: PATH`) or a TRL reward function (`function: module:function`),
+    rewards         `reward_funcs`: reward models (`model: PATH`), TRL reward functions (`function: module:function`),
                     each with a weight (-> training.reward_weights)
     training        `args`: RGRLConfig or DiffuGRPOConfig -- GRPOConfig / TrainingArguments keys, the rollout
                     (temperature, top_p, top_k, max_completion_length, max_prompt_length, diffusion_steps, schedule,

@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 
 from rgrl.models.loading import resolve_checkpoint
-from rgrl.rewards.bridge import VocabBridge
+from rgrl.rewards.bridge import BridgeFallback, VocabBridge
 from rgrl.rewards.reward_model import RewardModel
 
 
@@ -21,7 +21,7 @@ class RewardModelConfig:
     max_length: int = 4096  # longer RM inputs keep their end
     attn_implementation: str | None = "sdpa"
     trust_remote_code: bool = False
-    bridge_fallback: Literal["eos", "zero"] = "eos"  # embedding of dLLM tokens the RM vocabulary lacks
+    bridge_fallback: BridgeFallback = "eos"  # embedding of dLLM tokens the RM vocabulary lacks: eos | zero
     bridge_split: bool = True  # a dLLM token the RM writes as several tokens maps to the mean of their embeddings
 
     def __post_init__(self):

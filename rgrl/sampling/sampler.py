@@ -13,23 +13,25 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 from rgrl.distributions import nucleus, sample_tokens, uniforms
 from rgrl.guidance import GuidanceStats, RewardGuidance
-from rgrl.models.family import DiffusionFamily
+from rgrl.models.family import DiffusionFamily, before_first_stop
 from rgrl.models.flops import TransformerShape, soft_embedding_flops
 from rgrl.models.layers import PromptCache
-from rgrl.sampling.confidence import CONFIDENCE_RULES, confidence
-from rgrl.sampling.schedules import SCHEDULES, reveal_plan
+from rgrl.sampling.confidence import CONFIDENCE_RULES, ConfidenceRule, confidence
+from rgrl.sampling.schedules import SCHEDULES, Schedule, reveal_plan
 
 # Ranks a deprioritised (stop-token) slot below every other slot but above slots that cannot be revealed.
 _DEPRIORITIZED = -1e9
 # Which drawn tokens `deprioritize_eos` holds back: the tokenizer's EOS only (Dream's pad-like <|endoftext|>, as the
 # paper's reference sampler), or also the chat template's end of turn (<|im_end|>, <|eot_id|>).
-DEPRIORITIZED_TOKEN_SETS = ("eos", "eos_and_end_of_turn")
+DeprioritizedTokens = Literal["eos", "eos_and_end_of_turn"]
+DEPRIORITIZED_TOKEN_SETS = get_args(DeprioritizedTokens)
+ConfidenceFrom = Literal["guided", "unguided"]  # rank slots by the guided or the unguided logits
 
 
 @dataclass
@@ -38,16 +40,16 @@ class SamplerConfig:
 
     steps: int = 128  # T, denoising steps
     completion_length: int = 128  # L, masked slots after the prompt
-    schedule: Literal["dream", "linear"] = "dream"
+    schedule: Schedule = "dream"
     block_length: int | None = None  # LLaDA-style blocks; None = one block
-    alg: Literal["entropy", "maskgit_plus", "topk_margin", "low_confidence", "random"] = "entropy"
+    alg: ConfidenceRule = "entropy"
     alg_temp: float = 0.0  # > 0: draw the slots to reveal from softmax(confidence / alg_temp)
     temperature: float = 0.7  # τ
     top_p: float | None = 0.95
     top_k: int | None = None
     deprioritize_eos: bool = True  # slots whose drawn token is in `deprioritized_tokens` are revealed last
-    deprioritized_tokens: Literal["eos", "eos_and_end_of_turn"] = "eos"  # "eos": the tokenizer's EOS only
-    confidence_from: Literal["guided", "unguided"] = "guided"
+    deprioritized_tokens: DeprioritizedTokens = "eos"  # "eos": the tokenizer's EOS only
+    confidence_from: ConfidenceFrom = "guided"
     eps: float = 1e-3  # Dream schedule's final timestep
     max_prompt_length: int | None = None  # longer prompts keep the end of their last user turn
     # Cache mode (beyond the paper; both off by default). prompt_cache_refresh r >= 1: the prompt's keys/values are
@@ -65,8 +67,9 @@ class SamplerConfig:
         if self.deprioritized_tokens not in DEPRIORITIZED_TOKEN_SETS:
             raise ValueError(f"deprioritized_tokens must be one of {DEPRIORITIZED_TOKEN_SETS}, got "
                              f"{self.deprioritized_tokens!r}.")
-        if self.confidence_from not in ("guided", "unguided"):
-            raise ValueError(f"confidence_from must be 'guided' or 'unguided', got {self.confidence_from!r}.")
+        if self.confidence_from not in get_args(ConfidenceFrom):
+            raise ValueError(f"confidence_from must be one of {get_args(ConfidenceFrom)}, got "
+                             f"{self.confidence_from!r}.")
         if self.steps < 1 or self.completion_length < 1:
             raise ValueError("steps and completion_length must be >= 1.")
         if self.temperature < 0 or self.alg_temp < 0:
@@ -124,8 +127,8 @@ class SampleOutput:
 
 def completion_mask(ids: torch.Tensor, stop_token_ids: tuple[int, ...]) -> torch.Tensor:
     """[B, L] ids -> [B, L] bool: True up to and including the first stop token (all True without one)."""
-    is_stop = torch.isin(ids, torch.tensor(stop_token_ids, device=ids.device)).long()
-    return (is_stop.cumsum(dim=-1) - is_stop) == 0
+    before, stop_slot = before_first_stop(ids, stop_token_ids)
+    return before | (torch.arange(ids.shape[-1], device=ids.device) == stop_slot.unsqueeze(-1))
 
 
 class DiffusionSampler:
@@ -310,8 +313,7 @@ class DiffusionSampler:
 
     def decode(self, completion_ids: torch.Tensor) -> list[str]:
         """Completion texts, cut before the first stop token, special tokens skipped."""
-        before_stop = completion_mask(completion_ids, self.family.stop_token_ids) & ~torch.isin(
-            completion_ids, torch.tensor(self.family.stop_token_ids, device=completion_ids.device))
+        before_stop, _ = before_first_stop(completion_ids, self.family.stop_token_ids)
         rows = [ids[keep].tolist() for ids, keep in zip(completion_ids, before_stop)]
         return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
 

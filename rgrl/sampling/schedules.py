@@ -11,10 +11,12 @@ right, the steps are split evenly over the blocks, and each block follows the sc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
-SCHEDULES = ("dream", "linear")
+Schedule = Literal["dream", "linear"]
+SCHEDULES = get_args(Schedule)
 
 
 def reveal_counts(schedule: str, num_masked: int, steps: int, eps: float = 1e-3) -> list[int]:

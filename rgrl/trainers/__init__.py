@@ -1,8 +1,8 @@
 """RGRL and diffu-GRPO trainers for masked diffusion LMs, on TRL's GRPO loop."""
 
 from rgrl.trainers.base import MaskedDiffusionTrainer
-from rgrl.trainers.config import MaskedDiffusionConfig
 from rgrl.trainers.callbacks import MetricsFileCallback
+from rgrl.trainers.config import MaskedDiffusionConfig
 from rgrl.trainers.diffu_grpo_config import DiffuGRPOConfig
 from rgrl.trainers.diffu_grpo_trainer import DiffuGRPOTrainer, clipped_surrogate, group_advantages, k3_kl
 from rgrl.trainers.likelihood import completion_log_probs, draw_noise, sequence_log_likelihood, token_weights

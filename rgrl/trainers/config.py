@@ -7,6 +7,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import get_args
 
 import torch
 from trl import GRPOConfig
@@ -14,7 +15,7 @@ from trl import GRPOConfig
 from rgrl.models.loading import DLLMConfig
 from rgrl.recipe import is_secret
 from rgrl.sampling import CONFIDENCE_RULES, SCHEDULES, SamplerConfig
-from rgrl.sampling.sampler import DEPRIORITIZED_TOKEN_SETS
+from rgrl.sampling.sampler import DEPRIORITIZED_TOKEN_SETS, ConfidenceFrom
 
 # GRPOConfig options whose code paths these trainers replace or cannot honour: any value but TRL's default is an
 # error naming the option. (vllm_* options only act with use_vllm.)
@@ -83,7 +84,7 @@ class MaskedDiffusionConfig(GRPOConfig):
     deprioritized_tokens: str = field(default="eos", metadata={
         "help": f"Which drawn tokens deprioritize_eos holds back: {' | '.join(DEPRIORITIZED_TOKEN_SETS)}."})
     confidence_from: str = field(default="guided", metadata={
-        "help": "Rank slots by the guided or the unguided logits: guided | unguided."})
+        "help": f"Rank slots by the guided or the unguided logits: {' | '.join(get_args(ConfidenceFrom))}."})
     schedule_eps: float = field(default=1e-3, metadata={"help": "Final timestep of the dream schedule."})
     prompt_cache_refresh: int = field(default=0, metadata={
         "help": "Cache mode: recompute the prompt's keys/values every r steps (0: off, exact)."})

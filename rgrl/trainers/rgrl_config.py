@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from rgrl.guidance import GUIDANCE_METHODS, GuidanceConfig
+from rgrl.rewards.bridge import BRIDGE_FALLBACKS
 from rgrl.trainers.config import MaskedDiffusionConfig
 from rgrl.trainers.likelihood import ESTIMATORS
 
@@ -50,7 +51,7 @@ class RGRLConfig(MaskedDiffusionConfig):
         "help": "Reward model guiding rollouts (path, Hub id, tiny:/toy: name); default: the reward model among "
                 "reward_funcs."})
     bridge_fallback: str = field(default="eos", metadata={
-        "help": "Embedding of dLLM tokens the guidance model's vocabulary lacks: eos | zero."})
+        "help": f"Embedding of dLLM tokens the guidance model's vocabulary lacks: {' | '.join(BRIDGE_FALLBACKS)}."})
     bridge_split: bool = field(default=True, metadata={
         "help": "A dLLM token the guidance model writes as several tokens maps to the mean of their embeddings."})
     p_mask_prompt: float = field(default=0.3, metadata={"help": "Probability of masking each prompt token."})
@@ -71,8 +72,8 @@ class RGRLConfig(MaskedDiffusionConfig):
         if not self.guided and self.guidance_model is not None:
             raise ValueError(f"guidance_model={self.guidance_model!r} is set but guidance_method is 'none' (unguided "
                              "rollouts): remove it, or choose a guidance method.")
-        if self.bridge_fallback not in ("eos", "zero"):
-            raise ValueError(f"bridge_fallback must be 'eos' or 'zero', got {self.bridge_fallback!r}.")
+        if self.bridge_fallback not in BRIDGE_FALLBACKS:
+            raise ValueError(f"bridge_fallback must be one of {BRIDGE_FALLBACKS}, got {self.bridge_fallback!r}.")
         if self.sample_weighting not in SAMPLE_WEIGHTINGS:
             raise ValueError(f"sample_weighting must be one of {SAMPLE_WEIGHTINGS}, got {self.sample_weighting!r}.")
         if self.sample_weighting_beta <= 0:
