@@ -270,9 +270,7 @@ def check_recipe(recipe: TrainingRecipe, path: Path, dry_run: bool) -> list[str]
     args = recipe.training
     if isinstance(recipe, RGRLRecipe):
         reward_models = sorted({reward.model for reward in recipe.rewards if reward.model is not None})
-        if not args.guided and args.guidance_model is not None:
-            fail("training.guidance_method is 'none' (unguided rollouts): remove the unused 'training.guidance_model'.")
-        if args.guided and args.guidance_model is not None:
+        if args.guidance_model is not None:
             check_model(args.guidance_model, "training.guidance_model")
         elif args.guided and len(reward_models) != 1:
             fail(f"training.guidance_method is {args.guidance_method!r} and 'rewards' holds {len(reward_models)} "

@@ -149,7 +149,7 @@ BAD_RECIPES = {
     "guidance without a reward model": (dict(rewards=[{"function": "rgrl.toy.world:ground_truth"}]),
                                         ["'rewards' holds 0 reward models", "training.guidance_model"]),
     "unused guidance model": (dict(training={"guidance_method": "none", "guidance_model": "tiny:rm"}),
-                              ["remove the unused 'training.guidance_model'"]),
+                              ["guidance_model='tiny:rm' is set but guidance_method is 'none'"]),
     "eval without held-out prompts": (dict(data={"num_eval_prompts": 0}), ["data.num_eval_prompts"]),
     "eval groups split": (dict(training={"per_device_eval_batch_size": 6}), ["eval batch size", "6"]),
     "no training section": (dict(training=None), ["needs a `training` section"]),

@@ -16,11 +16,9 @@ from rgrl.trainers import (
     DiffuGRPOTrainer,
     RGRLConfig,
     RGRLTrainer,
-    clipped_surrogate,
     completion_log_probs,
     draw_noise,
     group_advantages,
-    k3_kl,
     sample_weights,
     sequence_log_likelihood,
     token_weights,
@@ -164,19 +162,6 @@ def test_scale_rewards_boolean_strings_are_rejected(tmp_path, value):
         DiffuGRPOConfig(**config_kwargs(tmp_path, scale_rewards=value))
 
 
-def test_clipped_surrogate_and_kl_match_hand_computation():
-    ratios = torch.tensor([[0.5, 1.0, 1.5], [0.5, 1.0, 1.5]])
-    old = torch.full((2, 3), -2.0)
-    loss, ratio = clipped_surrogate(old + ratios.log(), old, torch.tensor([1.0, -1.0]), 0.2, 0.2)
-    assert torch.allclose(ratio, ratios)
-    # A=+1: -min(ρ, clip(ρ)) ; A=-1: -min(-ρ, -clip(ρ)) = max(ρ, clip(ρ))
-    assert torch.allclose(loss, torch.tensor([[-0.5, -1.0, -1.2], [0.8, 1.0, 1.5]]))
-    loss_high, _ = clipped_surrogate(old + ratios.log(), old, torch.tensor([1.0, -1.0]), 0.2, 0.4)
-    assert torch.allclose(loss_high, torch.tensor([[-0.5, -1.0, -1.4], [0.8, 1.0, 1.5]]))
-    kl = k3_kl(torch.tensor([0.0, -1.0]), torch.tensor([math.log(2.0), -1.0]))
-    assert torch.allclose(kl, torch.tensor([2.0 - math.log(2.0) - 1.0, 0.0]))
-
-
 def test_rgrl_sample_weights():
     rewards = torch.tensor([1.0, 2.0, 0.0, 4.0, math.nan, 3.0])
     assert torch.equal(sample_weights(rewards, 2, "uniform"), torch.ones(6))
@@ -236,13 +221,50 @@ def test_diffu_grpo_same_mask_for_old_ref_and_current_and_zero_kl_at_start(tmp_p
         for j in range(2):
             current = trainer._log_probs(trainer.model, batch, j)
             assert torch.equal(current[mask], batch["old_per_token_logps"][:, j][mask])
-            assert torch.equal(k3_kl(current, batch["ref_per_token_logps"][:, j])[mask], torch.zeros(mask.sum()))
+            assert torch.equal(current[mask], batch["ref_per_token_logps"][:, j][mask]), "zero KL at the start"
         other_mask = trainer._log_probs(trainer.model, {**batch, "prompt_noise": noise.flip(1)}, 0)
         assert not torch.allclose(other_mask[mask], batch["old_per_token_logps"][:, 0][mask])
     assert torch.equal(batch["advantages"], group_advantages(torch.tensor(trainer._logs["rewards"]["tiny_rm"]), K))
     rendered = trainer.family.render_prompt(trainer.processing_class, rollout_rows()[0]["prompt"])
     first = batch["prompt_ids"][0][batch["prompt_mask"][0].bool()]
     assert trainer.processing_class.decode(first) == rendered, "prompts go through the dLLM's chat template"
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_diffu_grpo_loss_matches_hand_computation(tmp_path, reward_model, loss_type):
+    """TRL's loss on the diffusion log-probs of inner iteration j: the clipped surrogate, β·k3 KL and each loss
+    type's normalisation, computed here directly from `completion_log_probs` with mask j."""
+    trainer = make_trainer("diffu_grpo", tmp_path, reward_model, beta=0.04, num_iterations=2, loss_type=loss_type)
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions(rollout_rows())
+    rows, width = batch["completion_ids"].shape
+    # old log-probs that put ratios on both sides of the clip range, advantages of both signs
+    batch["old_per_token_logps"] = batch["old_per_token_logps"] + torch.linspace(-0.5, 0.5, width)
+    batch["advantages"] = torch.tensor([1.0, -1.0, 0.5, -2.0])
+    trainer._step, trainer.current_gradient_accumulation_steps, j = 1, 1, 1  # the second inner iteration
+    with torch.no_grad():
+        log_probs = completion_log_probs(trainer.model, trainer.family, batch["prompt_ids"], batch["prompt_mask"],
+                                         batch["completion_ids"], batch["prompt_noise"][:, j],
+                                         batch["completion_noise"][:, j])
+        ratio = (log_probs - batch["old_per_token_logps"][:, j]).exp()
+        advantages = batch["advantages"].unsqueeze(1)
+        surrogate = -torch.min(ratio * advantages, ratio.clamp(0.8, 1.2) * advantages)
+        delta = batch["ref_per_token_logps"][:, j] - log_probs
+        per_token = surrogate + 0.04 * (delta.exp() - delta - 1)
+        mask = batch["completion_mask"].float()
+        expected = {
+            "grpo": ((per_token * mask).sum(-1) / mask.sum(-1)).mean(),
+            "bnpo": (per_token * mask).sum() / mask.sum(),
+            "dr_grpo": (per_token * mask).sum() / (rows * trainer.args.max_completion_length),
+            "dapo": (per_token * mask).sum() / (batch["num_items_in_batch"] / trainer.args.steps_per_generation),
+        }[loss_type]
+        assert 0 < ((ratio - 1).abs() > 0.2).float().mean() < 1, "some ratios clipped, some not"
+        loss = trainer._compute_loss(trainer.model, batch)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
+    metrics = trainer._metrics["train"]
+    assert {"kl", "entropy", "clip_ratio/region_mean", "learner/loglik"} <= set(metrics)
+    assert metrics["learner/loglik"][-1] == pytest.approx(
+        sequence_log_likelihood(log_probs, mask, batch["completion_mask"]).mean().item(), rel=1e-5)
 
 
 def completion_length(prompts, completions, **kwargs):

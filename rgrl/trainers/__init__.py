@@ -4,7 +4,7 @@ from rgrl.trainers.base import MaskedDiffusionTrainer
 from rgrl.trainers.callbacks import MetricsFileCallback
 from rgrl.trainers.config import MaskedDiffusionConfig
 from rgrl.trainers.diffu_grpo_config import DiffuGRPOConfig
-from rgrl.trainers.diffu_grpo_trainer import DiffuGRPOTrainer, clipped_surrogate, group_advantages, k3_kl
+from rgrl.trainers.diffu_grpo_trainer import DiffuGRPOTrainer, group_advantages
 from rgrl.trainers.likelihood import completion_log_probs, draw_noise, sequence_log_likelihood, token_weights
 from rgrl.trainers.rgrl_config import RGRLConfig
 from rgrl.trainers.rgrl_trainer import RGRLTrainer, sample_weights
@@ -17,11 +17,9 @@ __all__ = [
     "MetricsFileCallback",
     "RGRLConfig",
     "RGRLTrainer",
-    "clipped_surrogate",
     "completion_log_probs",
     "draw_noise",
     "group_advantages",
-    "k3_kl",
     "sample_weights",
     "sequence_log_likelihood",
     "token_weights",

@@ -53,7 +53,7 @@ _CHECKPOINTING_DEPRECATION = "`is_gradient_checkpointing` is deprecated"
 _TRL_PRIVATE_SURFACE = (
     "_generate", "_calculate_rewards", "_generate_and_score_completions", "_compute_loss",
     "_get_per_token_logps_and_entropies", "_metrics", "_logs", "_pending_metrics", "_pending_extra_logs", "_step",
-    "reward_func_names", "reward_weights", "num_generations_eval", "num_iterations", "epsilon_low", "epsilon_high",
+    "reward_func_names", "reward_weights", "num_generations_eval", "num_iterations",
     "current_gradient_accumulation_steps",
 )
 
@@ -255,9 +255,6 @@ class MaskedDiffusionTrainer(GRPOTrainer, metaclass=abc.ABCMeta):
     def _token_weights(self, inputs: dict, iteration: int) -> torch.Tensor:
         return token_weights(inputs["completion_mask"], inputs["completion_noise"][:, iteration],
                              inputs["mask_rate"][:, iteration])
-
-    def _accumulation_steps(self) -> int:
-        return self.current_gradient_accumulation_steps if self.model.training else 1
 
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
         raise RuntimeError(

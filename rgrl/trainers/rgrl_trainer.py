@@ -116,4 +116,4 @@ class RGRLTrainer(MaskedDiffusionTrainer):
             normalizer = len(loglik)
         loss = -(inputs["sample_weights"] * loglik).sum() / normalizer
         self._log_world_means(mode, {"learner/loglik": loglik.detach().mean().item()})
-        return loss / self._accumulation_steps()
+        return loss / (self.current_gradient_accumulation_steps if mode == "train" else 1)
