@@ -278,7 +278,8 @@ def write_summary(output_dir: Path, rows: list[dict], recipe: SteerRecipe) -> No
     lines = [
         f"# Test-time guidance: {recipe.model.path} guided by {recipe.reward_model.path}",
         "",
-        f"K = {recipe.num_samples}, seeds {recipe.seeds}, T = {recipe.sampler.steps}, L = {recipe.sampler.completion_length}, "
+        f"K = {recipe.num_samples}, seeds {recipe.seeds}, T = {recipe.sampler.steps}, "
+        f"L = {recipe.sampler.max_completion_length}, "
         f"τ = {recipe.sampler.temperature}, M = {recipe.guidance.steps}, η = {recipe.guidance.lr}. "
         "Top@1 = best RM score of the N samples of a prompt, Avg@N = their mean; mean ± SEM over seeds. "
         f"Best-of-N at equal compute: N matched by {recipe.equal_compute_by.replace('_', ' ')} to the costliest "

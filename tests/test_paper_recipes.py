@@ -62,7 +62,7 @@ def resolved_row(name: str) -> tuple[str, ...]:
         held_back = {"eos": "EOS", "eos_and_end_of_turn": "EOS + end of turn"}[sampler.deprioritized_tokens]
     return (
         sampler.schedule, sampler.alg, _value(sampler.temperature), _value(sampler.top_p),
-        _value(sampler.top_k), _value(sampler.steps), _value(sampler.completion_length),
+        _value(sampler.top_k), _value(sampler.steps), _value(sampler.max_completion_length),
         _value(sampler.block_length), held_back, sampler.confidence_from if guided else "–",
         _value(guidance.steps) if guided else "–", _value(guidance.lr) if guided else "–",
     )

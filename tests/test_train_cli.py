@@ -72,7 +72,7 @@ def test_paper_values_of_the_dream_recipes():
     assert (args.diffusion_steps, args.max_completion_length, args.temperature, args.top_p, args.top_k) == (
         128, 128, 0.9, 0.95, 50)
     sampler = args.sampler_config()
-    assert (sampler.steps, sampler.completion_length, sampler.temperature, sampler.top_p, sampler.top_k) == (
+    assert (sampler.steps, sampler.max_completion_length, sampler.temperature, sampler.top_p, sampler.top_k) == (
         128, 128, 0.9, 0.95, 50)
     assert args.model_init_kwargs["dtype"] == "bfloat16" and args.model_init_kwargs["load_in_4bit"] is True
     aps = load_training_recipe("recipes/wildchat_dream.yaml", ["training.guidance_method=aps"], dry_run=True).recipe

@@ -102,7 +102,7 @@ def test_rollout_and_guidance_settings_are_config_fields_and_are_used(tmp_path):
                   schedule="linear", guidance_steps=2, guidance_lr=0.25)
     trainer = RGRLTrainer(model="toy:dream", reward_funcs=["toy:rm"], args=args, train_dataset=toy_prompts())
     sampler = trainer.sampler_config
-    assert (sampler.temperature, sampler.top_p, sampler.top_k, sampler.completion_length, sampler.steps) == (
+    assert (sampler.temperature, sampler.top_p, sampler.top_k, sampler.max_completion_length, sampler.steps) == (
         0.3, None, None, 6, 3), "TRL's 'off' values (top_p 1.0, top_k 0) switch the filters off"
     assert (trainer.guidance.config.steps, trainer.guidance.config.lr) == (2, 0.25)
     assert (args.temperature, args.max_completion_length) == (0.3, 6), "nothing replaced the user's settings"

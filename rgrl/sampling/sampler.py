@@ -39,7 +39,7 @@ class SamplerConfig:
     """Settings of the denoising loop."""
 
     steps: int = 128  # T, denoising steps
-    completion_length: int = 128  # L, masked slots after the prompt
+    max_completion_length: int = 128  # L, masked slots after the prompt
     schedule: Schedule = "dream"
     block_length: int | None = None  # LLaDA-style blocks; None = one block
     alg: ConfidenceRule = "entropy"
@@ -70,8 +70,8 @@ class SamplerConfig:
         if self.confidence_from not in get_args(ConfidenceFrom):
             raise ValueError(f"confidence_from must be one of {get_args(ConfidenceFrom)}, got "
                              f"{self.confidence_from!r}.")
-        if self.steps < 1 or self.completion_length < 1:
-            raise ValueError("steps and completion_length must be >= 1.")
+        if self.steps < 1 or self.max_completion_length < 1:
+            raise ValueError("steps and max_completion_length must be >= 1.")
         if self.temperature < 0 or self.alg_temp < 0:
             raise ValueError("temperature and alg_temp must be >= 0.")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -86,7 +86,7 @@ class SamplerConfig:
             raise ValueError(f"prompt_cache_refresh must be >= 0 (0: off), got {self.prompt_cache_refresh}.")
         if self.reveal_threshold is not None and not 0 < self.reveal_threshold <= 1:
             raise ValueError(f"reveal_threshold must be in (0, 1] or None, got {self.reveal_threshold}.")
-        reveal_plan(self.schedule, self.completion_length, self.steps, self.block_length, self.eps)  # validates
+        reveal_plan(self.schedule, self.max_completion_length, self.steps, self.block_length, self.eps)  # validates
 
 
 @dataclass
@@ -146,7 +146,7 @@ class DiffusionSampler:
                  guidance: RewardGuidance | None = None):
         self.model, self.tokenizer, self.family = model, tokenizer, family
         self.config, self.guidance = config, guidance
-        self.plan = reveal_plan(config.schedule, config.completion_length, config.steps, config.block_length,
+        self.plan = reveal_plan(config.schedule, config.max_completion_length, config.steps, config.block_length,
                                 config.eps)
 
     @property
@@ -213,7 +213,7 @@ class DiffusionSampler:
         start = time.perf_counter()
         config, family = self.config, self.family
         batch, prompt_length = prompt_ids.shape
-        length = config.completion_length
+        length = config.max_completion_length
         device = prompt_ids.device
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())  # from the global RNG: reproducible under set_seed
@@ -269,7 +269,7 @@ class DiffusionSampler:
         cache mode's `prompt_cache`, filling or reused), the guidance hook `guide` (from `RewardGuidance.bind`, or
         None), then sampling and revealing per `step` (a `RevealStep` of the plan)."""
         config = self.config
-        slots = canvas[:, -config.completion_length:]
+        slots = canvas[:, -config.max_completion_length:]
         masked = slots == self.family.mask_token_id
         logits = self._masked_logits(canvas, attention_mask, masked, prompt_cache)  # [N, V]
         queries = canvas.shape[1] - (prompt_cache.length if prompt_cache and not prompt_cache.filling else 0)

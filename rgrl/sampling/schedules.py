@@ -48,13 +48,13 @@ class RevealStep:
     count: int
 
 
-def reveal_plan(schedule: str, completion_length: int, steps: int, block_length: int | None = None,
+def reveal_plan(schedule: str, max_completion_length: int, steps: int, block_length: int | None = None,
                 eps: float = 1e-3) -> list[RevealStep]:
     """The whole generation's steps, block by block."""
-    block_length = block_length or completion_length
-    if completion_length % block_length:
-        raise ValueError(f"block_length {block_length} must divide the completion length {completion_length}.")
-    num_blocks = completion_length // block_length
+    block_length = block_length or max_completion_length
+    if max_completion_length % block_length:
+        raise ValueError(f"block_length {block_length} must divide the completion length {max_completion_length}.")
+    num_blocks = max_completion_length // block_length
     if steps % num_blocks:
         raise ValueError(f"steps ({steps}) must be divisible by the number of blocks ({num_blocks}).")
     plan = []

@@ -143,7 +143,7 @@ class MaskedDiffusionConfig(GRPOConfig):
         """The rollout sampler's settings (TRL's "off" values top_p = 1.0 and top_k = 0 become None)."""
         try:
             return SamplerConfig(
-                steps=self.diffusion_steps, completion_length=self.max_completion_length, schedule=self.schedule,
+                steps=self.diffusion_steps, max_completion_length=self.max_completion_length, schedule=self.schedule,
                 block_length=self.block_length, alg=self.alg, alg_temp=self.alg_temp, temperature=self.temperature,
                 top_p=None if self.top_p == 1.0 else self.top_p, top_k=self.top_k or None,
                 deprioritize_eos=self.deprioritize_eos, deprioritized_tokens=self.deprioritized_tokens,
