@@ -70,7 +70,7 @@ def _keys(schema: type, prefix: str):
         hint = hints.get(f.name, f.type)
         inner = dataclass_in(hint)
         name = prefix + f.name
-        if inner is not None and inner is not schema:
+        if inner is not None and inner is not schema and inner.__module__.startswith("rgrl."):  # rgrl's sections
             list_of = typing.get_origin(hint) is list
             yield from _keys(inner, f"{name}[i]." if list_of else f"{name}.")
             continue
@@ -99,14 +99,24 @@ def field_help(schema: type, f: dataclasses.Field) -> str:
 
 @cache
 def _source_comments(klass: type) -> dict[str, str]:
-    """`name: type = default  # comment` lines of a class body -> {name: comment}."""
+    """A class body's field comments -> {name: comment}: the comment after `name: type = default`, else the comment
+    lines right above it."""
     try:
-        source = inspect.getsource(klass)
+        lines = inspect.getsource(klass).splitlines()
     except (OSError, TypeError):
         return {}
-    comments = {}
-    for match in re.finditer(r"^\s{4}(\w+)\s*:[^#\n]*#\s*(.+)$", source, flags=re.MULTILINE):
-        comments.setdefault(match.group(1), match.group(2).strip())
+    comments, above = {}, []
+    for line in lines:
+        stripped = line.strip()
+        if line.startswith("    #") and not line.startswith("     "):
+            above.append(stripped.lstrip("# "))
+            continue
+        field = re.match(r"^\s{4}(\w+)\s*:[^#]*?(?:#\s*(.+))?$", line)
+        if field and not line.startswith("     "):
+            text = field.group(2) or " ".join(above)
+            if text:
+                comments.setdefault(field.group(1), text.strip())
+        above = []
     return comments
 
 

@@ -57,14 +57,14 @@ class SteerRecipe:
     prompts: PromptDataConfig
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)  # M and η; `methods` picks the estimators
-    methods: list[str] = field(default_factory=lambda: ["none", "expectation", "aps", "entrgi"])
+    methods: list[str] = field(default_factory=lambda: ["none", "expectation", "aps", "entrgi"])  # run each
     num_samples: int = 4  # K
-    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])  # one prompt subset and sampling seed each
     batch_size: int = 16  # rows per sampler call (a multiple of num_samples)
-    equal_compute_bon: bool = True
+    equal_compute_bon: bool = True  # add a Best-of-N row at the compute of the costliest guided method
     equal_compute_by: Literal["flops", "wall_time"] = "flops"  # how Best-of-N's N matches the guided compute
-    metrics: list[str] = field(default_factory=list)
-    output_dir: str = "outputs/steer"
+    metrics: list[str] = field(default_factory=list)  # extra per-sample metrics, "package.module:function"
+    output_dir: str = "outputs/steer"  # where the JSONL samples and the summary tables go
     device: str | None = None  # default: cuda if available, else cpu
 
     def __post_init__(self):

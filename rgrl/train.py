@@ -62,9 +62,9 @@ class LoraSection:
     """The LoRA adapter trained on the dLLM; its target modules are `model.lora_target_modules` (default: the
     family's attention and MLP projections)."""
 
-    r: int = 32
-    alpha: float = 32.0
-    dropout: float = 0.1
+    r: int = 32  # LoRA rank
+    alpha: float = 32.0  # LoRA scale α (the update is scaled by α / r)
+    dropout: float = 0.1  # LoRA dropout (off during rollouts)
 
     def __post_init__(self):
         if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
@@ -79,11 +79,11 @@ class RewardSection:
     model: str | None = None  # a reward model (path, Hub id or tiny: name)
     function: str | None = None  # "package.module:function", called as f(prompts, completions, **kwargs)
     name: str | None = None  # metric name rewards/<name>/...; default: the model's or function's name
-    weight: float = 1.0
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    max_length: int = 4096
-    batch_size: int = 8
-    trust_remote_code: bool = False
+    weight: float = 1.0  # its weight in the total reward (0: logged only)
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # a reward model's weights' dtype
+    max_length: int = 4096  # a reward model's longest input (longer ones keep their end)
+    batch_size: int = 8  # completions a reward model scores per forward
+    trust_remote_code: bool = False  # run a reward model checkpoint's own modeling code
 
     def __post_init__(self):
         if not math.isfinite(self.weight) or self.batch_size < 1 or self.max_length < 1:

@@ -4,6 +4,7 @@ metrics.jsonl, training_curves.png, wandb/tensorboard logs) and merges into a pl
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +101,9 @@ def test_help_lists_every_key_with_help_and_default(command, capsys):
         importlib.import_module(command).main(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
+    lines = out.splitlines()
+    keys = [i for i, line in enumerate(lines) if re.match(r"^  \S+  \(", line)]
+    assert len(keys) > 50 and [lines[i] for i in keys if not lines[i + 1].startswith("      ")] == [], "help text"
     if command == "rgrl.train":
         from rgrl.trainers import RGRLConfig
 

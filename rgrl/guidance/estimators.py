@@ -31,7 +31,7 @@ GUIDANCE_METHODS = get_args(GuidanceMethod)
 class GuidanceConfig:
     """How reward gradients steer sampling. The temperature, top-p and top-k come from the sampler."""
 
-    method: GuidanceMethod = "entrgi"
+    method: GuidanceMethod = "entrgi"  # entrgi | aps | expectation | none (unguided)
     steps: int = 3  # M: Adam steps on φ per denoising step
     lr: float = 0.5  # η
     # Log the reward of the updated proposals (guidance/reward_after, reward_gain): one extra RM forward per denoising

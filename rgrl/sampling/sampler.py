@@ -40,16 +40,16 @@ class SamplerConfig:
 
     steps: int = 128  # T, denoising steps
     max_completion_length: int = 128  # L, masked slots after the prompt
-    schedule: Schedule = "dream"
+    schedule: Schedule = "dream"  # how many slots each step reveals: dream | linear
     block_length: int | None = None  # LLaDA-style blocks; None = one block
-    alg: ConfidenceRule = "entropy"
+    alg: ConfidenceRule = "entropy"  # confidence rule ranking the masked slots
     alg_temp: float = 0.0  # > 0: draw the slots to reveal from softmax(confidence / alg_temp)
     temperature: float = 0.7  # τ
-    top_p: float | None = 0.95
-    top_k: int | None = None
+    top_p: float | None = 0.95  # nucleus filter (None: off)
+    top_k: int | None = None  # top-k filter (None or 0: off)
     deprioritize_eos: bool = True  # slots whose drawn token is in `deprioritized_tokens` are revealed last
     deprioritized_tokens: DeprioritizedTokens = "eos"  # "eos": the tokenizer's EOS only
-    confidence_from: ConfidenceFrom = "guided"
+    confidence_from: ConfidenceFrom = "guided"  # rank slots by the guided or the unguided logits
     eps: float = 1e-3  # Dream schedule's final timestep
     max_prompt_length: int | None = None  # longer prompts keep the end of their last user turn
     # Cache mode (beyond the paper; both off by default). prompt_cache_refresh r >= 1: the prompt's keys/values are
