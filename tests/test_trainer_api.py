@@ -3,6 +3,7 @@ models by name (rgrl names, local folders, Hub ids) or loaded, reward models by 
 rollout and guidance settings as config fields that are really used, guidance built from the config (or an error),
 dataset problems caught at construction, and no deprecation warning per rollout."""
 
+import math
 import warnings
 
 import datasets
@@ -166,3 +167,20 @@ def test_no_checkpointing_deprecation_warning_per_rollout(tmp_path):
         for _ in range(2):
             trainer._generate_and_score_completions(rollout_rows(trainer.train_dataset))
     assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+
+
+def test_trl_reward_model_quick_start_with_the_class_names_changed(tmp_path, monkeypatch):
+    """TRL's GRPOTrainer quick start with a reward model (`GRPOTrainer(model=..., reward_funcs="<reward model id>",
+    args=GRPOConfig(...), train_dataset=dataset)`) with the classes renamed to RGRL's and toy ids. Everything else is
+    TRL's defaults (bf16, 8 rows, K = 8) and the RGRL paper's rollout defaults, except what this CPU-only machine and
+    a short test need: `use_cpu` (transformers' requirement for bf16 without a GPU), one step, no reporting, and the
+    toy dLLM's 16 slots and steps."""
+    monkeypatch.chdir(tmp_path)
+    training_args = RGRLConfig(output_dir="dream-RGRL", use_cpu=True, max_steps=1, report_to="none",
+                               max_completion_length=16, diffusion_steps=16)
+    trainer = RGRLTrainer(model="toy:dream", reward_funcs="toy:rm", args=training_args, train_dataset=toy_prompts(8))
+    trainer.train()
+    first, last = trainer.state.log_history[0], trainer.state.log_history[-1]
+    assert next(trainer.model.parameters()).dtype == torch.bfloat16, "bf16 training loads bfloat16 weights"
+    assert {"rewards/rm/mean", "guidance/entropy_weight"} <= set(first), "guided rollouts, scored by the RM"
+    assert trainer.state.global_step == 1 and math.isfinite(last["train_loss"])
