@@ -12,13 +12,12 @@ functions, logging, checkpointing and eval loop. They replace what assumes a cau
                is guarded: it would score clean completions visible to a bidirectional model; diffu-GRPO answers
                it with the diffusion log-probs, so TRL's own loss runs on them).
 
-The constructor takes `GRPOTrainer`'s arguments: models and reward models by name are loaded by
-`rgrl.trainers.inputs`, the rollout's settings come from the config (`MaskedDiffusionConfig.sampler_config()`).
-
   faults       rows without a finite total reward get no signal (and are counted), a NaN/inf loss or gradient
                skips the optimizer step, a NaN/inf adapter is never saved, SIGTERM/SIGUSR1 checkpoint and stop,
                checkpoints get a completion marker (`rgrl.trainers.guards`, `rgrl.trainers.checkpoints`).
 
+The constructor takes `GRPOTrainer`'s arguments: models and reward models by name are loaded by
+`rgrl.trainers.inputs`, the rollout's settings come from the config (`MaskedDiffusionConfig.sampler_config()`).
 Subclasses supply `_per_sample_signal`, `_compute_loss` and optionally `_behaviour_log_probs` and `_build_guidance`.
 Pinned to TRL 1.16: the private methods overridden or called here are listed in `_TRL_PRIVATE_SURFACE`.
 """
