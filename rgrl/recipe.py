@@ -83,12 +83,15 @@ def read_recipe(path: str | os.PathLike, schema: type, overrides: list[str] | No
 
 
 def parse_overrides(argv: list[str]) -> list[tuple[str, object]]:
-    """['--a.b', '3', '--flag', 'true'] -> [('a.b', 3), ('flag', True)]; values are parsed as YAML scalars."""
+    """['--a.b', '3', '--flag=true', 'c=x'] -> [('a.b', 3), ('flag', True), ('c', 'x')]; values are parsed as YAML
+    scalars."""
     pairs, i = [], 0
     while i < len(argv):
         token = argv[i]
+        if not token.startswith("--") and "=" in token:
+            token = f"--{token}"
         if not token.startswith("--") or len(token) == 2:
-            raise RecipeError(f"Expected an override '--key value', got {token!r}.")
+            raise RecipeError(f"Expected an override '--key value' or 'key=value', got {token!r}.")
         key = token[2:]
         if "=" in key:
             key, raw = key.split("=", 1)
@@ -113,7 +116,7 @@ def _set_dotted(data: dict, dotted: str, value, schema: type, source: str) -> No
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
             raise RecipeError(f"{source}: '{'.'.join(parts[: depth + 1])}' is not a section.")
-        node_schema = _dataclass_in(_hints(node_schema)[field.name])
+        node_schema = dataclass_in(type_hints(node_schema)[field.name])
         if node_schema is None:
             raise RecipeError(f"{source}: '{'.'.join(parts[: depth + 1])}' is not a section.")
 
@@ -133,7 +136,7 @@ def build_dataclass(schema: type, data: dict, source: str, prefix: str = ""):
     """Instantiate `schema` from a mapping, recursing into dataclass-typed fields."""
     if not isinstance(data, dict):
         raise RecipeError(f"{source}: '{prefix.rstrip('.') or 'recipe'}' must be a mapping, got {data!r}.")
-    hints = _hints(schema)
+    hints = type_hints(schema)
     kwargs = {}
     for key, value in data.items():
         field = _field_or_error(schema, key, prefix + key, source)
@@ -147,14 +150,14 @@ def build_dataclass(schema: type, data: dict, source: str, prefix: str = ""):
         raise RecipeError(f"{source}: invalid recipe{where}: {error}") from None
 
 
-def _hints(schema: type) -> dict:
+def type_hints(schema: type) -> dict:
     try:
         return typing.get_type_hints(schema)
     except Exception:  # unresolvable forward references in third-party dataclasses: keep raw annotations
         return {f.name: f.type for f in dataclasses.fields(schema)}
 
 
-def _dataclass_in(hint) -> type | None:
+def dataclass_in(hint) -> type | None:
     if dataclasses.is_dataclass(hint):
         return hint
     for arg in typing.get_args(hint):

@@ -1,4 +1,5 @@
-"""Test-time reward guidance and its evaluation: `python -m rgrl.steer RECIPE.yaml [--key value …] [--dry_run]`.
+"""Test-time reward guidance and its evaluation: `python -m rgrl.steer RECIPE.yaml [--key value …] [--dry_run]`
+(`--help` lists every recipe key).
 
 For every seed, the recipe's prompts (a fresh subset per seed for the benchmarks) are sampled K times with each
 method — `none` (unguided; Best-of-N with N = K is its Top@1), `expectation`, `aps`, `entrgi` — and every
@@ -21,7 +22,6 @@ over the best sample of each prompt and over all samples.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import logging
@@ -36,6 +36,7 @@ from typing import Literal
 import torch
 from tqdm.auto import tqdm
 
+from rgrl import cli
 from rgrl.data import PromptDataConfig, check_prompt_source, load_prompts
 from rgrl.guidance import GUIDANCE_METHODS, GuidanceConfig, RewardGuidance
 from rgrl.models.flops import TransformerShape
@@ -56,14 +57,14 @@ class SteerRecipe:
     prompts: PromptDataConfig
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)  # M and η; `methods` picks the estimators
-    methods: list[str] = field(default_factory=lambda: ["none", "expectation", "aps", "entrgi"])
+    methods: list[str] = field(default_factory=lambda: ["none", "expectation", "aps", "entrgi"])  # run each
     num_samples: int = 4  # K
-    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    seeds: list[int] = field(default_factory=lambda: [1, 2, 3])  # one prompt subset and sampling seed each
     batch_size: int = 16  # rows per sampler call (a multiple of num_samples)
-    equal_compute_bon: bool = True
+    equal_compute_bon: bool = True  # add a Best-of-N row at the compute of the costliest guided method
     equal_compute_by: Literal["flops", "wall_time"] = "flops"  # how Best-of-N's N matches the guided compute
-    metrics: list[str] = field(default_factory=list)
-    output_dir: str = "outputs/steer"
+    metrics: list[str] = field(default_factory=list)  # extra per-sample metrics, "package.module:function"
+    output_dir: str = "outputs/steer"  # where the JSONL samples and the summary tables go
     device: str | None = None  # default: cuda if available, else cpu
 
     def __post_init__(self):
@@ -93,18 +94,16 @@ class MethodRun:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m rgrl.steer", description=__doc__.split("\n")[0])
-    parser.add_argument("recipe", help="YAML recipe (see recipes/steer_*.yaml)")
-    parser.add_argument("--dry_run", action="store_true", help="validate and print the resolved recipe, load nothing")
-    args, overrides = parser.parse_known_args(argv)
+    command = cli.parse_command_line("python -m rgrl.steer", __doc__, argv, lambda: [SteerRecipe])
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
-        recipe = load_recipe(args.recipe, SteerRecipe, overrides)
+        recipe = load_recipe(command.recipe, SteerRecipe, command.overrides)
         check_before_loading(recipe)
     except (RecipeError, FileNotFoundError, ValueError, ImportError) as error:
-        sys.exit(f"error: {args.recipe}: {error}" if not str(error).startswith(str(args.recipe)) else f"error: {error}")
+        where = "" if str(error).startswith(command.recipe) else f"{command.recipe}: "
+        sys.exit(f"error: {where}{error}")
     print(json.dumps(to_plain(recipe), indent=2))
-    if args.dry_run:
+    if command.dry_run:
         return
     run(recipe)
 
@@ -279,7 +278,8 @@ def write_summary(output_dir: Path, rows: list[dict], recipe: SteerRecipe) -> No
     lines = [
         f"# Test-time guidance: {recipe.model.path} guided by {recipe.reward_model.path}",
         "",
-        f"K = {recipe.num_samples}, seeds {recipe.seeds}, T = {recipe.sampler.steps}, L = {recipe.sampler.completion_length}, "
+        f"K = {recipe.num_samples}, seeds {recipe.seeds}, T = {recipe.sampler.steps}, "
+        f"L = {recipe.sampler.max_completion_length}, "
         f"τ = {recipe.sampler.temperature}, M = {recipe.guidance.steps}, η = {recipe.guidance.lr}. "
         "Top@1 = best RM score of the N samples of a prompt, Avg@N = their mean; mean ± SEM over seeds. "
         f"Best-of-N at equal compute: N matched by {recipe.equal_compute_by.replace('_', ' ')} to the costliest "

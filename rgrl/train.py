@@ -1,26 +1,26 @@
 """Train a masked diffusion LM with RGRL or diffu-GRPO from a YAML recipe.
 
-    python -m rgrl.train RECIPE.yaml [--section.key value ...] [--dry_run]
+    python -m rgrl.train RECIPE.yaml [--section.key value | section.key=value ...] [--dry_run] [--help]
     accelerate launch [--config_file launch/….yaml] -m rgrl.train RECIPE.yaml [...]
 
-A recipe has these sections (see recipes/*.yaml; every key is validated, unknown keys are errors):
+A recipe has one section per argument of the trainer (`RGRLTrainer` / `DiffuGRPOTrainer`, called as TRL's
+`GRPOTrainer`; see recipes/*.yaml; every key is validated, unknown keys are errors):
 
     trainer         rgrl | diffu_grpo
-    model           the dLLM (rgrl.models.loading.DLLMConfig): path, dtype, attn_implementation, load_in_4bit
-                    (QLoRA), trust_remote_code, lora_target_modules (default: the family's) and family overrides
-                    (family, mask_token_id, eos_token_id, end_of_turn_token_id, shifted_logits, chat_template)
-    lora            r, alpha, dropout of the trained LoRA adapter
-    data            the prompts (rgrl.data.PromptDataConfig); num_eval_prompts > 0 holds out prompts for the
-                    unguided evaluation
-    sampler         the denoising loop (rgrl.sampling.SamplerConfig): owns temperature, top_p, top_k and the
-                    completion length L, which are copied into TRL's arguments
-    guidance        rgrl only: the estimator (rgrl.guidance.GuidanceConfig: method entrgi | aps | expectation | none)
-    guidance_model  rgrl only: the reward model guidance differentiates (rgrl.rewards.RewardModelConfig: path,
-                    dtype, max_length, bridge_fallback, bridge_split)
-    rewards         reward functions, scored for logging and the learning signal: a reward model
-                    (`model: PATH`) or a TRL reward function (`function: module:function`), each with a weight
-    training        the trainer's arguments: RGRLConfig or DiffuGRPOConfig (GRPOConfig / TrainingArguments keys)
+    model           `model`: the dLLM's name (`path`: folder, Hub id, tiny:/toy: name); the other keys (dtype,
+                    attn_implementation, load_in_4bit (QLoRA), trust_remote_code, lora_target_modules and family
+                    overrides) become `training.model_init_kwargs`
+    lora            `peft_config`: r, alpha, dropout of the trained LoRA adapter (targets: the family's projections,
+                    or model.lora_target_modules)
+    data            `train_dataset` / `eval_dataset` (rgrl.data.PromptDataConfig); num_eval_prompts > 0 holds out
+                    prompts for the unguided evaluation
+    rewards         `reward_funcs`: reward models (`model: PATH`), TRL reward functions (`function: module:function`),
+                    each with a weight (-> training.reward_weights)
+    training        `args`: RGRLConfig or DiffuGRPOConfig -- GRPOConfig / TrainingArguments keys, the rollout
+                    (temperature, top_p, top_k, max_completion_length, max_prompt_length, diffusion_steps, schedule,
+                    alg, …) and, for rgrl, guidance (guidance_method, guidance_steps, guidance_lr, guidance_model, …)
 
+`python -m rgrl.train --help` lists every key with its help text and default.
 Everything is checked before any weights load; `--dry_run` stops there and prints the resolved configuration.
 Outputs in `training.output_dir`: checkpoints, the final LoRA adapter (merge it with `python -m rgrl.merge`),
 metrics.jsonl, training_curves.png and the recipe as run (recipe.yaml, secrets hidden). A non-empty output_dir needs
@@ -31,7 +31,6 @@ docs/reliability.md lists how every fault and bad input is handled.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 import math
@@ -45,26 +44,15 @@ from typing import Literal
 import torch
 import yaml
 
+from rgrl import cli
 from rgrl.data import PromptDataConfig, check_prompt_source
-from rgrl.guidance import GuidanceConfig
-from rgrl.models.loading import DLLMConfig, check_model_dir, num_logit_rows, offline_hub_problem, resolve_checkpoint
-from rgrl.recipe import (
-    RecipeError,
-    build_dataclass,
-    parse_overrides,
-    read_recipe,
-    scrub_secret_arguments,
-    to_plain,
-    without_secrets,
-)
-from rgrl.rewards import RewardModelConfig, import_function
-from rgrl.sampling import SamplerConfig
-from rgrl.trainers.base import SAMPLER_OWNED_OPTIONS, sync_sampling_args
+from rgrl.models.loading import DLLMConfig, check_model_dir, offline_hub_problem, resolve_checkpoint
+from rgrl.recipe import RecipeError, build_dataclass, parse_overrides, read_recipe, to_plain, without_secrets
+from rgrl.rewards import RewardModelConfig, import_function, reward_name
 from rgrl.trainers.checkpoints import CheckpointError, check_checkpoint, latest_complete_checkpoint
 from rgrl.trainers.diffu_grpo_config import DiffuGRPOConfig
 from rgrl.trainers.rgrl_config import RGRLConfig
 
-USAGE = "usage: python -m rgrl.train RECIPE.yaml [--section.key value ...] [--dry_run]"
 logger = logging.getLogger("rgrl.train")
 
 
@@ -74,9 +62,9 @@ class LoraSection:
     """The LoRA adapter trained on the dLLM; its target modules are `model.lora_target_modules` (default: the
     family's attention and MLP projections)."""
 
-    r: int = 32
-    alpha: float = 32.0
-    dropout: float = 0.1
+    r: int = 32  # LoRA rank
+    alpha: float = 32.0  # LoRA scale α (the update is scaled by α / r)
+    dropout: float = 0.1  # LoRA dropout (off during rollouts)
 
     def __post_init__(self):
         if self.r < 1 or self.alpha <= 0 or not 0 <= self.dropout < 1:
@@ -91,11 +79,11 @@ class RewardSection:
     model: str | None = None  # a reward model (path, Hub id or tiny: name)
     function: str | None = None  # "package.module:function", called as f(prompts, completions, **kwargs)
     name: str | None = None  # metric name rewards/<name>/...; default: the model's or function's name
-    weight: float = 1.0
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    max_length: int = 4096
-    batch_size: int = 8
-    trust_remote_code: bool = False
+    weight: float = 1.0  # its weight in the total reward (0: logged only)
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # a reward model's weights' dtype
+    max_length: int = 4096  # a reward model's longest input (longer ones keep their end)
+    batch_size: int = 8  # completions a reward model scores per forward
+    trust_remote_code: bool = False  # run a reward model checkpoint's own modeling code
 
     def __post_init__(self):
         if not math.isfinite(self.weight) or self.batch_size < 1 or self.max_length < 1:
@@ -107,7 +95,7 @@ class RewardSection:
         if self.name:
             return self.name
         if self.model:
-            return self.model.rstrip("/").split("/")[-1].split(":")[-1]
+            return reward_name(self.model)
         return self.function.split(":")[-1]
 
     def model_config(self) -> RewardModelConfig:
@@ -117,18 +105,15 @@ class RewardSection:
 
 @dataclass
 class TrainingRecipe:
-    trainer: Literal["rgrl", "diffu_grpo"] = "rgrl"
+    trainer: Literal["rgrl", "diffu_grpo"] = "rgrl"  # rgrl | diffu_grpo
     model: DLLMConfig | None = None
     lora: LoraSection = field(default_factory=LoraSection)
     data: PromptDataConfig = field(default_factory=PromptDataConfig)
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
     rewards: list[RewardSection] = field(default_factory=list)
 
 
 @dataclass
 class RGRLRecipe(TrainingRecipe):
-    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
-    guidance_model: RewardModelConfig | None = None
     training: RGRLConfig | None = None
 
 
@@ -138,6 +123,18 @@ class DiffuGRPORecipe(TrainingRecipe):
 
 
 SCHEMAS = {"rgrl": RGRLRecipe, "diffu_grpo": DiffuGRPORecipe}
+# Sections of earlier recipes, now fields of `training`
+MOVED_SECTIONS = {
+    "sampler": "temperature, top_p, top_k, max_completion_length (was completion_length), max_prompt_length, "
+               "diffusion_steps (was steps), schedule, block_length, alg, alg_temp, deprioritize_eos, "
+               "deprioritized_tokens, confidence_from, schedule_eps (was eps), prompt_cache_refresh, reveal_threshold",
+    "guidance": "guidance_method, guidance_steps, guidance_lr, guidance_measure_gain, guidance_chunk_rows, "
+                "guidance_compile",
+    "guidance_model": "guidance_model (the path; default: the reward model among `rewards`), bridge_fallback, "
+                      "bridge_split",
+}
+# `training` keys set from other sections
+DERIVED_TRAINING_KEYS = {"reward_weights": "'rewards[i].weight'", "model_init_kwargs": "the `model` section"}
 
 
 # ------------------------------------------------------------------------------------------------ loading + checks
@@ -154,15 +151,16 @@ def load_training_recipe(path: str | os.PathLike, overrides: list[str] | None = 
     """Read, build and check a training recipe without loading any weights. Errors are `RecipeError`s."""
     path = Path(path)
     overrides = list(overrides or [])
+    _check_moved_sections(path, overrides)
     trainer = _trainer_name(path, overrides)
     schema = SCHEMAS[trainer]
     raw = read_recipe(path, schema, overrides)
     training = raw.get("training")
     if not isinstance(training, dict):
         raise RecipeError(f"{path}: the recipe needs a `training` section (the {schema.__name__} arguments).")
-    for key, owner in {**SAMPLER_OWNED_OPTIONS, "reward_weights": "rewards[i].weight"}.items():
+    for key, owner in DERIVED_TRAINING_KEYS.items():
         if key in training:
-            raise RecipeError(f"{path}: 'training.{key}' is set from '{owner}'; set it there and remove it here.")
+            raise RecipeError(f"{path}: 'training.{key}' is set from {owner}; set it there and remove it here.")
 
     notes = []
     build_input = dict(raw, training=dict(training))
@@ -178,9 +176,20 @@ def load_training_recipe(path: str | os.PathLike, overrides: list[str] | None = 
             build_input["training"][key] = "no"
     recipe = build_dataclass(schema, build_input, source=str(path))
     notes += check_recipe(recipe, path, dry_run)
-    sync_sampling_args(recipe.training, recipe.sampler)
     recipe.training.reward_weights = [reward.weight for reward in recipe.rewards]
+    recipe.training.model_init_kwargs = {name: value for name, value in to_plain(recipe.model).items()
+                                         if name not in ("path", "adapter")}
     return LoadedRecipe(recipe=recipe, raw=raw, path=path, notes=notes)
+
+
+def _check_moved_sections(path: Path, overrides: list[str]) -> None:
+    """A recipe (or override) written for the earlier layout gets the new keys named."""
+    raw = read_recipe(path, TrainingRecipe)
+    given = set(raw) | {key.split(".")[0] for key, _ in parse_overrides(overrides)}
+    for section, keys in MOVED_SECTIONS.items():
+        if section in given:
+            raise RecipeError(f"{path}: the '{section}' section is now part of 'training' (the trainer's config), "
+                              f"as the keys {keys}.")
 
 
 def _trainer_name(path: Path, overrides: list[str]) -> str:
@@ -259,22 +268,21 @@ def check_recipe(recipe: TrainingRecipe, path: Path, dry_run: bool) -> list[str]
         if names.count(reward.metric_name) > 1:
             fail(f"two reward functions are named {reward.metric_name!r}; give them distinct 'name's.")
 
+    args = recipe.training
     if isinstance(recipe, RGRLRecipe):
-        guided = recipe.guidance.method != "none"
-        if guided and recipe.guidance_model is None:
-            fail(f"guidance.method is {recipe.guidance.method!r}: the 'guidance_model' section (the reward model "
-                 "that guides rollouts) is required.")
-        if not guided and recipe.guidance_model is not None:
-            fail("guidance.method is 'none' (unguided rollouts): remove the unused 'guidance_model' section.")
-        if guided:
-            check_model(recipe.guidance_model.path, "guidance_model.path")
+        reward_models = sorted({reward.model for reward in recipe.rewards if reward.model is not None})
+        if args.guidance_model is not None:
+            check_model(args.guidance_model, "training.guidance_model")
+        elif args.guided and len(reward_models) != 1:
+            fail(f"training.guidance_method is {args.guidance_method!r} and 'rewards' holds {len(reward_models)} "
+                 "reward models: set 'training.guidance_model' to the reward model that guides rollouts (or "
+                 "guidance_method: none).")
 
     try:
         check_prompt_source(recipe.data)
     except (ValueError, OSError) as error:
         fail(f"'data.path': {error}")
 
-    args = recipe.training
     if recipe.data.num_eval_prompts > 0:
         try:
             args.check_eval_batch()
@@ -322,7 +330,9 @@ def describe(loaded: LoadedRecipe) -> str:
     sections = {f.name: to_plain(getattr(recipe, f.name)) for f in dataclasses.fields(recipe) if f.name != "training"}
     args = recipe.training
     plain_args = args.to_dict()  # masks *_token fields
-    derived = [*SAMPLER_OWNED_OPTIONS, "reward_weights", "steps_per_generation", "generation_batch_size"]
+    rollout = [name for name in cli.own_fields(type(args)) if name != "gradient_checkpointing"]
+    derived = [*rollout, "temperature", "top_p", "top_k", "max_completion_length", *DERIVED_TRAINING_KEYS,
+               "steps_per_generation", "generation_batch_size"]
     shown = [name for name in plain_args if name in loaded.raw["training"] or name in derived]
     world = args.world_size
     rows = args.per_device_train_batch_size * args.steps_per_generation
@@ -344,86 +354,40 @@ def describe(loaded: LoadedRecipe) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ the run
-@contextlib.contextmanager
-def _replicated_loading(args):
-    """Load frozen reward models whole on every process: under a ZeRO-3 config, `from_pretrained` would
-    otherwise partition them, and guidance needs every weight of the reward model on every process.
-
-    The DeepSpeed config `from_pretrained` consults is `args.hf_deepspeed_config` when the recipe sets
-    `training.deepspeed`, and the one accelerate's DeepSpeed plugin holds under `accelerate launch` with a
-    DeepSpeed config (then `args.hf_deepspeed_config` is None)."""
-    from transformers.integrations.deepspeed import set_hf_deepspeed_config, unset_hf_deepspeed_config
-
-    plugin = getattr(args, "deepspeed_plugin", None)
-    hf_deepspeed_config = getattr(args, "hf_deepspeed_config", None) or getattr(plugin, "dschf", None)
-    if hf_deepspeed_config is None:
-        yield
-        return
-    unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        set_hf_deepspeed_config(hf_deepspeed_config)
-
-
 def run(loaded: LoadedRecipe):
     """Load data and models, train, save the final adapter, and evaluate (unguided) on held-out prompts."""
-    from peft import LoraConfig, prepare_model_for_kbit_training
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
+    from peft import LoraConfig
 
     from rgrl.data import load_prompts
-    from rgrl.guidance import RewardGuidance
     from rgrl.rewards import RewardModelFunction
     from rgrl.trainers import DiffuGRPOTrainer, MetricsFileCallback, RGRLTrainer
+    from rgrl.trainers.inputs import load_reward_model
 
     recipe, args = loaded.recipe, loaded.recipe.training
     logger.setLevel(logging.INFO if args.should_log else logging.WARNING)  # the main process reports
-    device = args.device
 
     train_dataset = load_prompts(recipe.data, "train")
     eval_dataset = load_prompts(recipe.data, "eval") if recipe.data.num_eval_prompts > 0 else None
     logger.info(f"{recipe.trainer}: {len(train_dataset)} training prompts, "
                 f"{0 if eval_dataset is None else len(eval_dataset)} held-out prompts; output in {args.output_dir}")
 
-    reward_models = {}  # one replicated copy per distinct reward model (guidance and scoring share it)
+    reward_models = {}  # one copy per distinct reward model (the trainer's guidance shares it)
 
-    def reward_model(config: RewardModelConfig):
-        key = (config.path, config.dtype, config.max_length, config.attn_implementation, config.trust_remote_code)
+    def reward_function(reward: RewardSection):
+        if reward.function is not None:
+            return import_function(reward.function)
+        config = reward.model_config()
+        key = dataclasses.astuple(config)
         if key not in reward_models:
-            with _replicated_loading(args):
-                reward_models[key] = config.load(device)
-        return reward_models[key]
+            reward_models[key] = load_reward_model(config, args)
+        return RewardModelFunction(reward_models[key], reward.metric_name, batch_size=reward.batch_size,
+                                   path=reward.model)
 
-    guided = isinstance(recipe, RGRLRecipe) and recipe.guidance.method != "none"
-    guidance_rm = reward_model(recipe.guidance_model) if guided else None
-    reward_funcs = [
-        RewardModelFunction(reward_model(r.model_config()), r.metric_name, batch_size=r.batch_size)
-        if r.model is not None else import_function(r.function)
-        for r in recipe.rewards
-    ]
-
-    dllm = recipe.model.load(None if is_deepspeed_zero3_enabled() else device)
-    model, family = dllm.model, dllm.family
-    if recipe.model.load_in_4bit:
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=args.gradient_checkpointing,
-            gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs)
-    targets = family.lora_target_modules
-    peft_config = LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
-                             target_modules=targets if isinstance(targets, str) else list(targets))
-
-    common = dict(family=family, sampler_config=recipe.sampler, train_dataset=train_dataset,
-                  eval_dataset=eval_dataset, processing_class=dllm.tokenizer, peft_config=peft_config,
-                  callbacks=[MetricsFileCallback()])
-    if isinstance(recipe, RGRLRecipe):
-        guidance = None
-        if guided:
-            bridge = recipe.guidance_model.bridge(dllm.tokenizer, num_logit_rows(model), guidance_rm)
-            logger.info(f"Vocabulary bridge {recipe.model.path} -> {recipe.guidance_model.path}: {bridge.summary()}")
-            guidance = RewardGuidance(recipe.guidance, guidance_rm, bridge, family.stop_token_ids)
-        trainer = RGRLTrainer(model, reward_funcs, args, guidance=guidance, **common)
-    else:
-        trainer = DiffuGRPOTrainer(model, reward_funcs, args, **common)
+    trainer_class = RGRLTrainer if isinstance(recipe, RGRLRecipe) else DiffuGRPOTrainer
+    trainer = trainer_class(
+        recipe.model.path, [reward_function(reward) for reward in recipe.rewards], args,
+        train_dataset=train_dataset, eval_dataset=eval_dataset, callbacks=[MetricsFileCallback()],
+        peft_config=LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout))
 
     trainer.accelerator.wait_for_everyone()  # every process checked output_dir before anything is written to it
     if trainer.is_world_process_zero():
@@ -474,21 +438,13 @@ def collective_failure(error: BaseException, timeout: float, step: int | None = 
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help"):
-        print(__doc__)
-        print(USAGE)
-        return
-    sys.argv[:] = scrub_secret_arguments(sys.argv)  # trackers (wandb) record the command line
-    dry_run = "--dry_run" in argv or "--dry-run" in argv
-    argv = [token for token in argv if token not in ("--dry_run", "--dry-run")]
-    path, overrides = argv[0], argv[1:]
+    command = cli.parse_command_line("python -m rgrl.train", __doc__, argv, lambda: [RGRLRecipe, DiffuGRPORecipe])
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     try:
-        loaded = load_training_recipe(path, overrides, dry_run=dry_run)
-        if dry_run:
+        loaded = load_training_recipe(command.recipe, command.overrides, dry_run=command.dry_run)
+        if command.dry_run:
             print(describe(loaded), end="")
-            print(f"# {path}: OK (dry run: no weights loaded)")
+            print(f"# {command.recipe}: OK (dry run: no weights loaded)")
             return
         run(loaded)
     except CollectiveError as error:  # each process names itself

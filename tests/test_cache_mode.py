@@ -19,7 +19,7 @@ def dllm(request):
 
 
 def test_reusing_the_prompt_cache_right_after_filling_gives_the_full_forward_logits(dllm):
-    sampler = DiffusionSampler(dllm.model, dllm.tokenizer, dllm.family, SamplerConfig(steps=4, completion_length=6))
+    sampler = DiffusionSampler(dllm.model, dllm.tokenizer, dllm.family, SamplerConfig(steps=4, max_completion_length=6))
     prompt_ids, prompt_mask = sampler.encode_prompts(PROMPTS)
     mask_id = dllm.family.mask_token_id
     canvas = torch.cat([prompt_ids, torch.full((3, 6), mask_id)], dim=1)
@@ -47,7 +47,7 @@ def test_reusing_the_prompt_cache_right_after_filling_gives_the_full_forward_log
 
 def test_refreshing_every_step_is_the_exact_sampler(dllm):
     def generate(**cache_mode):
-        config = SamplerConfig(steps=6, completion_length=6, schedule="linear", temperature=0.7, **cache_mode)
+        config = SamplerConfig(steps=6, max_completion_length=6, schedule="linear", temperature=0.7, **cache_mode)
         return DiffusionSampler(dllm.model, dllm.tokenizer, dllm.family, config).generate(PROMPTS, seed=3)
 
     exact = generate()
@@ -74,14 +74,14 @@ class CertainModel(torch.nn.Module):
 
 def test_reveal_threshold_reveals_every_certain_slot_and_skips_the_rest(dllm):
     family = dllm.family
-    config = SamplerConfig(steps=8, completion_length=8, schedule="linear", temperature=1.0, reveal_threshold=0.9)
+    config = SamplerConfig(steps=8, max_completion_length=8, schedule="linear", temperature=1.0, reveal_threshold=0.9)
     model = CertainModel()
     out = DiffusionSampler(model, dllm.tokenizer, family, config).generate(["x"], seed=0)
     assert (out.completion_ids == 7).all()
     assert out.stats.dllm_forwards == model.calls == 1  # all 8 slots were sure at the first step
     # without the threshold the schedule's one slot per step holds
     out = DiffusionSampler(CertainModel(), dllm.tokenizer, family, SamplerConfig(
-        steps=8, completion_length=8, schedule="linear", temperature=1.0)).generate(["x"], seed=0)
+        steps=8, max_completion_length=8, schedule="linear", temperature=1.0)).generate(["x"], seed=0)
     assert out.stats.dllm_forwards == 8
 
 
@@ -91,6 +91,6 @@ def test_cache_mode_settings_are_checked(dllm):
     with pytest.raises(ValueError, match="reveal_threshold"):
         SamplerConfig(reveal_threshold=1.5)
     sampler = DiffusionSampler(CertainModel(), dllm.tokenizer, dllm.family,
-                               SamplerConfig(steps=2, completion_length=2, prompt_cache_refresh=2))
+                               SamplerConfig(steps=2, max_completion_length=2, prompt_cache_refresh=2))
     with pytest.raises(FamilyError, match="native"):
         sampler.generate(["x"], seed=0)

@@ -283,7 +283,7 @@ def test_replicated_loading_hides_the_zero3_config_on_both_routes():
         unset_hf_deepspeed_config,
     )
 
-    from rgrl.train import _replicated_loading
+    from rgrl.trainers.inputs import replicated_loading
 
     zero3 = json.loads((LAUNCH / "ds_zero3.json").read_text())
     trainer_route = SimpleNamespace(hf_deepspeed_config=HfDeepSpeedConfig(zero3), deepspeed_plugin=None)
@@ -296,7 +296,7 @@ def test_replicated_loading_hides_the_zero3_config_on_both_routes():
             else:
                 plugin.set_deepspeed_weakref()  # what TrainingArguments does under a DeepSpeed `accelerate launch`
             assert is_deepspeed_zero3_enabled()
-            with _replicated_loading(args):
+            with replicated_loading(args):
                 assert not is_deepspeed_zero3_enabled()
             assert is_deepspeed_zero3_enabled()
     finally:
@@ -309,24 +309,20 @@ def test_reward_model_is_frozen_and_outside_the_optimizer(tmp_path):
     import datasets
     from peft import LoraConfig
 
-    from rgrl.guidance import GuidanceConfig, RewardGuidance
     from rgrl.models.loading import load_dllm
-    from rgrl.rewards import RewardModel, RewardModelFunction, VocabBridge
-    from rgrl.sampling import SamplerConfig
+    from rgrl.rewards import RewardModel, RewardModelFunction
     from rgrl.trainers import RGRLConfig, RGRLTrainer
 
     dllm = load_dllm("tiny:dream", dtype="float32")
     reward_model = RewardModel.from_pretrained("tiny:rm", dtype="float32")
-    rows = dllm.model.get_input_embeddings().weight.shape[0]
-    bridge = VocabBridge(dllm.tokenizer, reward_model.tokenizer, num_rows=rows)
-    guidance = RewardGuidance(GuidanceConfig(method="entrgi"), reward_model, bridge, dllm.family.stop_token_ids)
     args = RGRLConfig(output_dir=str(tmp_path), bf16=False, activation_checkpointing=False, report_to="none",
-                      per_device_train_batch_size=4, num_generations=2, max_steps=1, dataloader_pin_memory=False)
+                      per_device_train_batch_size=4, num_generations=2, max_steps=1, dataloader_pin_memory=False,
+                      diffusion_steps=2, max_completion_length=4)
     prompts = datasets.Dataset.from_dict({"prompt": [[{"role": "user", "content": "Hello there."}]] * 2})
     trainer = RGRLTrainer(
-        dllm.model, [RewardModelFunction(reward_model, "rm")], args, guidance=guidance, family=dllm.family,
-        sampler_config=SamplerConfig(steps=2, completion_length=4), train_dataset=prompts,
+        dllm.model, [RewardModelFunction(reward_model, "rm")], args, train_dataset=prompts,
         processing_class=dllm.tokenizer, peft_config=LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert trainer.guidance.reward_model is reward_model, "guided by the reward model among reward_funcs"
     optimizer = trainer.create_optimizer()
     optimized = {id(p) for group in optimizer.param_groups for p in group["params"]}
     reward_params = list(reward_model.model.parameters())

@@ -88,7 +88,7 @@ def test_generation_flops_equal_torchs_count_of_the_whole_generation(models, met
         config = GuidanceConfig(method=method, steps=2, measure_gain=True)
         guidance = RewardGuidance(config, reward_model, bridge, dllm.family.stop_token_ids)
     sampler = DiffusionSampler(dllm.model, dllm.tokenizer, dllm.family,
-                               SamplerConfig(steps=4, completion_length=8), guidance)
+                               SamplerConfig(steps=4, max_completion_length=8), guidance)
     outputs = []
     total = counted(lambda: outputs.append(sampler.generate(PROMPTS, num_samples=2, seed=0)))
     flops = sampler.generation_flops(outputs[0].stats)

@@ -26,7 +26,7 @@ def pair(request):
 
 def rewards(dllm, reward_model, guidance=None):
     sampler = DiffusionSampler(dllm.model, dllm.tokenizer, dllm.family,
-                               SamplerConfig(steps=8, completion_length=8, temperature=0.7), guidance)
+                               SamplerConfig(steps=8, max_completion_length=8, temperature=0.7), guidance)
     out = sampler.generate(PROMPTS, num_samples=SAMPLES, seed=0)
     return reward_model.score([p for p in PROMPTS for _ in range(SAMPLES)], out.texts), out
 

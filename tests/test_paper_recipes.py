@@ -10,7 +10,8 @@ import pytest
 from rgrl.bench import toy as bench
 from rgrl.recipe import load_recipe
 from rgrl.steer import SteerRecipe
-from rgrl.train import RGRLRecipe, load_training_recipe
+from rgrl.train import load_training_recipe
+from rgrl.trainers import RGRLConfig
 
 DESIGN = Path("docs/design.md")
 TABLE_START, TABLE_END = "<!-- rollout-settings-table", "<!-- end rollout-settings-table -->"
@@ -50,17 +51,18 @@ def resolved_row(name: str) -> tuple[str, ...]:
         recipe = load_recipe(path, SteerRecipe)
         guidance = recipe.guidance  # steer runs every method in `methods`; M and η are the guided ones'
         guided = any(method != "none" for method in recipe.methods)
+        sampler = recipe.sampler
     else:
-        recipe = load_training_recipe(path, dry_run=True).recipe
-        guided = isinstance(recipe, RGRLRecipe) and recipe.guidance.method != "none"
-        guidance = recipe.guidance if guided else None
-    sampler = recipe.sampler
+        args = load_training_recipe(path, dry_run=True).recipe.training
+        guided = isinstance(args, RGRLConfig) and args.guided
+        guidance = args.guidance_config() if guided else None
+        sampler = args.sampler_config()
     held_back = "nothing"
     if sampler.deprioritize_eos:
         held_back = {"eos": "EOS", "eos_and_end_of_turn": "EOS + end of turn"}[sampler.deprioritized_tokens]
     return (
         sampler.schedule, sampler.alg, _value(sampler.temperature), _value(sampler.top_p),
-        _value(sampler.top_k), _value(sampler.steps), _value(sampler.completion_length),
+        _value(sampler.top_k), _value(sampler.steps), _value(sampler.max_completion_length),
         _value(sampler.block_length), held_back, sampler.confidence_from if guided else "–",
         _value(guidance.steps) if guided else "–", _value(guidance.lr) if guided else "–",
     )
@@ -80,10 +82,11 @@ def test_rgrl_llada_rollouts_rank_by_entropy_and_the_llada_baseline_keeps_d1s_sa
     """The paper's RGRL-LLaDA sampler ranks slots by entropy, as for Dream; d1's LLaDA sampler (the diffu-GRPO
     baseline) uses low_confidence in blocks, with no top-p/top-k."""
     for dataset in ("wildchat", "lmsys"):
-        rgrl = load_training_recipe(f"recipes/{dataset}_llada.yaml", dry_run=True).recipe.sampler
-        dream = load_training_recipe(f"recipes/{dataset}_dream.yaml", dry_run=True).recipe.sampler
+        rgrl = load_training_recipe(f"recipes/{dataset}_llada.yaml", dry_run=True).recipe.training.sampler_config()
+        dream = load_training_recipe(f"recipes/{dataset}_dream.yaml", dry_run=True).recipe.training.sampler_config()
         assert rgrl == dream
-        baseline = load_training_recipe(f"recipes/{dataset}_llada_diffu_grpo.yaml", dry_run=True).recipe.sampler
+        baseline = load_training_recipe(f"recipes/{dataset}_llada_diffu_grpo.yaml",
+                                        dry_run=True).recipe.training.sampler_config()
         assert (baseline.alg, baseline.block_length, baseline.top_p, baseline.top_k) == ("low_confidence", 64,
                                                                                         None, None)
 
@@ -93,8 +96,8 @@ def test_training_recipes_do_not_pay_for_the_gain_metric_but_the_bench_does():
     for path in sorted(Path("recipes").glob("*.yaml")):
         if path.name.startswith("steer_") or "diffu_grpo" in path.name:
             continue
-        recipe = load_training_recipe(path, dry_run=True).recipe
-        assert recipe.guidance.measure_gain is False, path
+        args = load_training_recipe(path, dry_run=True).recipe.training
+        assert args.guidance_measure_gain is False, path
     rgrl_variants = [overrides for label, _, overrides in bench.TRAINING_VARIANTS if label.startswith("RGRL")]
     assert rgrl_variants and all(" ".join(bench.MEASURE_GAIN) in " ".join(o) for o in rgrl_variants)
 
@@ -114,5 +117,5 @@ def test_llada_bridge_settings_are_what_the_recipe_comment_says(name):
     """The comment promises: pieces -> their mean (bridge_split), no RM spelling at all -> a zero vector."""
     text = Path("recipes", name).read_text()
     assert "the mean of the pieces' embeddings" in text and "a zero embedding" in text
-    recipe = load_training_recipe(f"recipes/{name}", dry_run=True).recipe
-    assert (recipe.guidance_model.bridge_split, recipe.guidance_model.bridge_fallback) == (True, "zero")
+    args = load_training_recipe(f"recipes/{name}", dry_run=True).recipe.training
+    assert (args.bridge_split, args.bridge_fallback) == (True, "zero")

@@ -307,8 +307,8 @@ RANGE_ERRORS = {
     "learning_rate": (["--training.learning_rate", "-1e-4"], "learning_rate must be > 0, got -0.0001"),
     "max_steps": (["--training.max_steps", "-5"], "max_steps must be >= 1 (or -1"),
     "lora.r": (["--lora.r", "0"], "LoRA needs r >= 1"),
-    "top_p high": (["--sampler.top_p", "1.5"], "top_p must be in (0, 1]"),
-    "top_p zero": (["--sampler.top_p", "0"], "top_p must be in (0, 1]"),
+    "top_p high": (["--training.top_p", "1.5"], "top_p must be in (0, 1]"),
+    "top_p zero": (["--training.top_p", "0"], "top_p must be in (0, 1]"),
     "reward weight": (["--rewards", "[{model: 'tiny:rm', weight: .inf}]"], "a reward needs a finite weight"),
     "two problems at once": (["--training.learning_rate", "-1", "--training.save_steps", "0"],
                              "learning_rate must be > 0, got -1.0; save_steps must be > 0"),
@@ -379,7 +379,7 @@ def test_reward_model_scores_the_prompt_the_dllm_saw(tmp_path, reward_model):
     trainer.sampler_config = SamplerConfig(**{**vars(trainer.sampler_config), "max_prompt_length": 40})
     trainer.model.train()
     rows = [{"prompt": [{"role": "user", "content": long_text}]}] * K
-    with pytest.warns(UserWarning, match="longer than sampler.max_prompt_length=40"):
+    with pytest.warns(UserWarning, match="longer than max_prompt_length=40"):
         batch = trainer._generate_and_score_completions(rows)
     assert int(batch["prompt_mask"].sum(dim=1).max()) <= 40
     content = seen[0][-1]["content"]

@@ -63,12 +63,12 @@ def test_dream_schedule_matches_the_native_counts():
 
 
 def test_block_plan_splits_steps_evenly_and_rejects_bad_shapes():
-    plan = reveal_plan("linear", completion_length=8, steps=4, block_length=4)
+    plan = reveal_plan("linear", max_completion_length=8, steps=4, block_length=4)
     assert [(s.block_start, s.block_end, s.count) for s in plan] == [(0, 4, 2), (0, 4, 2), (4, 8, 2), (4, 8, 2)]
     with pytest.raises(ValueError, match="divide"):
-        reveal_plan("linear", completion_length=8, steps=4, block_length=3)
+        reveal_plan("linear", max_completion_length=8, steps=4, block_length=3)
     with pytest.raises(ValueError, match="divisible"):
-        reveal_plan("linear", completion_length=8, steps=3, block_length=4)
+        reveal_plan("linear", max_completion_length=8, steps=3, block_length=4)
 
 
 def test_confidence_rules_against_direct_formulas():
@@ -107,7 +107,7 @@ def test_sampler_honours_the_family_logit_shift(tokenizer, model_type, shifted):
     family = family_for(tokenizer, model_type)
     assert family.shifted_logits is shifted
     model = ScriptedModel(lambda i, ids: one_hot_logits(100 + i))
-    sampler = DiffusionSampler(model, tokenizer, family, SamplerConfig(steps=4, completion_length=8, temperature=0))
+    sampler = DiffusionSampler(model, tokenizer, family, SamplerConfig(steps=4, max_completion_length=8, temperature=0))
     out = sampler.generate(["hello there"], num_samples=1)
     prompt_length = out.prompt_ids.shape[1]
     positions = torch.arange(prompt_length, prompt_length + 8)
@@ -118,7 +118,7 @@ def test_sampler_honours_the_family_logit_shift(tokenizer, model_type, shifted):
 
 def test_each_step_reveals_as_planned_and_blocks_are_respected(tokenizer):
     family = family_for(tokenizer, "llada")
-    config = SamplerConfig(steps=8, completion_length=8, schedule="linear", block_length=4, temperature=1.0,
+    config = SamplerConfig(steps=8, max_completion_length=8, schedule="linear", block_length=4, temperature=1.0,
                            alg="random", top_p=None)
     sampler = DiffusionSampler(ScriptedModel(lambda i, ids: torch.randn(512)), tokenizer, family, config)
     out = sampler.generate(["a", "bb"], num_samples=2, seed=0, record_history=True)
@@ -143,7 +143,7 @@ def test_mask_token_and_padding_rows_are_never_sampled(tokenizer):
         row[500] = 20.0
         return row
 
-    config = SamplerConfig(steps=2, completion_length=4, temperature=1.0, top_p=None)
+    config = SamplerConfig(steps=2, max_completion_length=4, temperature=1.0, top_p=None)
     out = DiffusionSampler(ScriptedModel(script), tokenizer, family, config).generate(["x"], seed=0)
     assert (out.completion_ids < family.num_tokens).all()
     assert not (out.completion_ids == family.mask_token_id).any()
@@ -160,7 +160,7 @@ def test_eos_is_revealed_last_when_deprioritised(tokenizer):
         return row
 
     def first_revealed_token(deprioritize):
-        config = SamplerConfig(steps=6, completion_length=6, schedule="linear", alg="maskgit_plus",
+        config = SamplerConfig(steps=6, max_completion_length=6, schedule="linear", alg="maskgit_plus",
                                temperature=0, deprioritize_eos=deprioritize)
         out = DiffusionSampler(ScriptedModel(script), tokenizer, family, config).generate(["x"], record_history=True)
         first = int((out.history[0][0] != family.mask_token_id).nonzero()[0])
@@ -192,7 +192,7 @@ def test_only_the_tokenizers_eos_is_held_back_by_default(model_type):
         return row
 
     def reveal_order(**options):
-        sampler_config = SamplerConfig(steps=4, completion_length=4, schedule="linear", alg="maskgit_plus",
+        sampler_config = SamplerConfig(steps=4, max_completion_length=4, schedule="linear", alg="maskgit_plus",
                                        temperature=0, **options)
         out = DiffusionSampler(ScriptedModel(script), tokenizer, family, sampler_config).generate(
             ["x"], record_history=True)
@@ -221,7 +221,7 @@ def test_same_seed_same_samples_and_texts_are_cut_at_the_stop(tokenizer):
         row[eot] = 5.0 if i == 12 else -5.0
         return row
 
-    config = SamplerConfig(steps=4, completion_length=8, temperature=1.0, top_p=0.9)
+    config = SamplerConfig(steps=4, max_completion_length=8, temperature=1.0, top_p=0.9)
     sampler = DiffusionSampler(ScriptedModel(script), tokenizer, family, config)
     a = sampler.generate(["hello"], num_samples=3, seed=7)
     b = sampler.generate(["hello"], num_samples=3, seed=7)
@@ -265,7 +265,7 @@ def test_guidance_runs_every_step_and_confidence_can_come_from_unguided_logits(t
 
     def run(confidence_from):
         guidance = ScriptedGuidance(bias)
-        config = SamplerConfig(steps=4, completion_length=4, schedule="linear", alg="topk_margin",
+        config = SamplerConfig(steps=4, max_completion_length=4, schedule="linear", alg="topk_margin",
                                temperature=0, confidence_from=confidence_from)
         out = DiffusionSampler(ScriptedModel(script), tokenizer, family, config, guidance).generate(
             ["x"], record_history=True)
@@ -287,5 +287,5 @@ def test_sampler_config_validation():
     with pytest.raises(ValueError, match="schedule"):
         SamplerConfig(schedule="cosine")
     with pytest.raises(ValueError, match="block_length"):
-        SamplerConfig(completion_length=10, block_length=4)
+        SamplerConfig(max_completion_length=10, block_length=4)
     assert math.isclose(SamplerConfig().temperature, 0.7)

@@ -24,7 +24,7 @@ def test_every_steer_recipe_passes_dry_run(recipe, capsys):
 def test_paper_protocol_values():
     recipe = load_recipe("recipes/steer_reward_bench_2_dream.yaml", steer.SteerRecipe)
     assert (recipe.num_samples, recipe.seeds, recipe.prompts.num_prompts) == (4, [1, 2, 3], 64)
-    assert (recipe.sampler.steps, recipe.sampler.completion_length, recipe.sampler.temperature) == (128, 128, 0.7)
+    assert (recipe.sampler.steps, recipe.sampler.max_completion_length, recipe.sampler.temperature) == (128, 128, 0.7)
     assert (recipe.sampler.top_p, recipe.sampler.top_k, recipe.sampler.alg) == (0.95, None, "entropy")
     assert recipe.sampler.deprioritize_eos and (recipe.guidance.steps, recipe.guidance.lr) == (3, 0.5)
 
@@ -84,7 +84,7 @@ def test_summary_top1_and_avg_against_a_direct_computation():
 
 def test_tiny_run_writes_jsonl_and_tables(tmp_path):
     recipe_path = write(tmp_path, BASE + f"""
-sampler: {{steps: 4, completion_length: 4}}
+sampler: {{steps: 4, max_completion_length: 4}}
 guidance: {{steps: 1}}
 methods: [none, entrgi]
 num_samples: 2
@@ -112,7 +112,7 @@ device: cpu
 def test_best_of_n_at_equal_compute_takes_n_from_counted_flops(tmp_path, equal_compute_by):
     """N = K × (costliest guided method's cost per prompt) / (unguided cost per prompt), cost by FLOPs by default."""
     recipe_path = write(tmp_path, BASE + f"""
-sampler: {{steps: 4, completion_length: 4}}
+sampler: {{steps: 4, max_completion_length: 4}}
 guidance: {{steps: 2}}
 methods: [none, aps, entrgi]
 num_samples: 2

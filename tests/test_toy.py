@@ -265,8 +265,6 @@ def test_quick_world_trains_with_the_toy_recipes(quick_world, tmp_path, recipe):
                  "--training.output_dir", str(tmp_path), "--training.max_steps", "2", "--training.eval_steps", "2",
                  "--training.save_steps", "2", "--training.per_device_train_batch_size", "8",
                  "--training.per_device_eval_batch_size", "8", "--data.num_eval_prompts", "2"]
-    if "diffu_grpo" not in recipe:
-        overrides += ["--guidance_model.path", str(rm)]
     trainer = run(load_training_recipe(f"recipes/{recipe}", overrides))
     history = trainer.state.log_history
     assert [e["step"] for e in history if "loss" in e] == [1, 2]

@@ -4,6 +4,7 @@ metrics.jsonl, training_curves.png, wandb/tensorboard logs) and merges into a pl
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -57,8 +58,8 @@ def test_training_recipe_dry_run(name, capsys, tmp_path):
     out = capsys.readouterr().out
     assert out.rstrip().endswith("OK (dry run: no weights loaded)")
     printed = yaml.safe_load(out)
-    assert printed["training"]["max_completion_length"] == printed["sampler"]["completion_length"]
-    assert printed["training"]["temperature"] == printed["sampler"]["temperature"]
+    assert {"temperature", "max_completion_length", "diffusion_steps", "schedule"} <= set(printed["training"])
+    assert not {"sampler", "guidance", "guidance_model"} & set(printed), "rollout settings are training fields"
 
 
 def test_paper_values_of_the_dream_recipes():
@@ -68,12 +69,17 @@ def test_paper_values_of_the_dream_recipes():
         5e-6, 500, 4, 8)
     assert (args.save_steps, args.seed, args.p_mask_prompt, args.beta, args.num_iterations) == (100, 42, 0.3, 0.0, 1)
     assert (rgrl.lora.r, rgrl.lora.alpha, rgrl.lora.dropout, rgrl.model.load_in_4bit) == (32, 32, 0.1, True)
-    assert (rgrl.guidance.method, rgrl.guidance.steps, rgrl.guidance.lr) == ("entrgi", 1, 0.5)
-    sampler = rgrl.sampler
-    assert (sampler.steps, sampler.completion_length, sampler.temperature, sampler.top_p, sampler.top_k) == (
+    assert (args.guidance_method, args.guidance_steps, args.guidance_lr) == ("entrgi", 1, 0.5)
+    assert (args.diffusion_steps, args.max_completion_length, args.temperature, args.top_p, args.top_k) == (
         128, 128, 0.9, 0.95, 50)
-    aps = load_training_recipe("recipes/wildchat_dream.yaml", ["--guidance.method", "aps"], dry_run=True).recipe
-    assert aps.guidance.method == "aps"
+    sampler = args.sampler_config()
+    assert (sampler.steps, sampler.max_completion_length, sampler.temperature, sampler.top_p, sampler.top_k) == (
+        128, 128, 0.9, 0.95, 50)
+    assert args.model_init_kwargs["dtype"] == "bfloat16" and args.model_init_kwargs["load_in_4bit"] is True
+    aps = load_training_recipe("recipes/wildchat_dream.yaml", ["training.guidance_method=aps",
+                                                               "training.guidance_compile=true"], dry_run=True).recipe
+    assert aps.training.guidance_config().method == "aps" and aps.training.guidance_config().compile is True
+    assert args.guidance_config().compile is False
     baseline = load_training_recipe("recipes/wildchat_dream_diffu_grpo.yaml", dry_run=True).recipe.training
     assert (baseline.per_device_train_batch_size, baseline.gradient_accumulation_steps, baseline.beta,
             baseline.scale_rewards, baseline.epsilon) == (4, 2, 0.04, "none", 0.2)
@@ -81,31 +87,64 @@ def test_paper_values_of_the_dream_recipes():
 
 def test_dry_run_cli_subprocess():
     result = subprocess.run([sys.executable, "-m", "rgrl.train", "recipes/tiny_dream.yaml", "--dry_run",
-                             "--sampler.steps", "4"], cwd=REPO, capture_output=True, text=True, timeout=120)
+                             "--training.diffusion_steps", "4", "training.temperature=0.5"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert "steps: 4" in result.stdout and "OK (dry run" in result.stdout
+    printed = yaml.safe_load(result.stdout[result.stdout.index("trainer:"):])["training"]
+    assert (printed["diffusion_steps"], printed["temperature"]) == (4, 0.5) and "OK (dry run" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["rgrl.train", "rgrl.steer"])
+def test_help_lists_every_key_with_help_and_default(command, capsys):
+    """One front for both commands: --help prints every recipe key, its default and its help text."""
+    import importlib
+
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(command).main(["--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    keys = [i for i, line in enumerate(lines) if re.match(r"^  \S+  \(", line)]
+    assert len(keys) > 50 and [lines[i] for i in keys if not lines[i + 1].startswith("      ")] == [], "help text"
+    if command == "rgrl.train":
+        from rgrl.trainers import RGRLConfig
+
+        assert "training.temperature  (float, default: 0.9)" in out
+        assert "τ of the rollout sampler" in out
+        assert "training.guidance_method  (str, default: 'entrgi')" in out
+        assert "model.dtype  (float32 | bfloat16 | float16, default: 'bfloat16')" in out
+        assert "rewards[i].weight" in out and "lora.r" in out
+        assert "training.loss_type  (str, default: 'grpo')" in out, "diffu-GRPO's own defaults are listed too"
+        import dataclasses
+
+        missing = [f.name for f in dataclasses.fields(RGRLConfig) if f.init and f"training.{f.name}" not in out]
+        assert missing == []
+    else:
+        assert "sampler.steps  (int, default: 128)" in out and "guidance.lr  (float, default: 0.5)" in out
+        assert "prompts.num_eval_prompts" in out and "held-out prompts" in out
 
 
 # ------------------------------------------------------------------------------------------------ bad recipes
 BAD_RECIPES = {
     "unknown key": (dict(training={"learnig_rate": 0.1}),
                     ["unknown key 'training.learnig_rate'", "Did you mean 'training.learning_rate'", "recipe.yaml"]),
-    "unknown sampler key": (dict(sampler={"stpes": 3}), ["unknown key 'sampler.stpes'", "'sampler.steps'"]),
-    "wrong type": (dict(sampler={"steps": "many"}), ["'sampler.steps' must be an integer"]),
+    "earlier sampler section": (dict(sampler={"steps": 3}), ["'sampler' section is now part of 'training'",
+                                                             "diffusion_steps (was steps)"]),
+    "wrong type": (dict(training={"diffusion_steps": "many"}), ["'training.diffusion_steps' must be an integer"]),
+    "bad rollout value": (dict(training={"schedule": "cosine"}), ["invalid rollout setting", "schedule"]),
+    "bad guidance value": (dict(training={"guidance_method": "ppo"}), ["guidance method must be one of"]),
     "wrong trainer": (dict(trainer="ppo"), ["'trainer' must be one of"]),
-    "rgrl-only section": (dict(trainer="diffu_grpo"), ["unknown key 'guidance'"]),
+    "rgrl-only key": (dict(trainer="diffu_grpo"), ["unknown key 'training.guidance_"]),
     "generation batch not divisible by K": (dict(training={"per_device_train_batch_size": 6}),
                                             ["generation_batch_size (6)", "num_generations (4)"]),
-    "sampler-owned option": (dict(training={"temperature": 0.5}),
-                             ["'training.temperature' is set from 'sampler.temperature'"]),
-    "completion length in training": (dict(training={"max_completion_length": 64}), ["'sampler.completion_length'"]),
     "reward weights in training": (dict(training={"reward_weights": [1.0]}), ["'rewards[i].weight'"]),
+    "model kwargs in training": (dict(training={"model_init_kwargs": {"dtype": "float32"}}), ["the `model` section"]),
     "unsupported TRL option": (dict(training={"use_vllm": True}), ["does not support `use_vllm`"]),
     "unsupported loss option": (dict(training={"top_entropy_quantile": 0.2}), ["`top_entropy_quantile`"]),
     "KL in RGRL": (dict(training={"beta": 0.04}), ["RGRL has no KL term"]),
     "scale_rewards string": (dict(training={"scale_rewards": "false"}), ["ambiguous", "'none'"]),
     "missing model": (dict(model={"path": "./no/such/model"}), ["'model.path'", "./no/such/model"]),
-    "missing guidance model": (dict(guidance_model={"path": "/no/rm"}), ["'guidance_model.path'", "/no/rm"]),
+    "missing guidance model": (dict(training={"guidance_model": "/no/rm"}), ["'training.guidance_model'", "/no/rm"]),
     "missing reward model": (dict(rewards=[{"model": "./no_rm"}]), ["'rewards[0].model'"]),
     "bad reward function": (dict(rewards=[{"function": "no_such_module:score"}]),
                             ["rewards[0].function", "no_such_module"]),
@@ -113,7 +152,10 @@ BAD_RECIPES = {
     "missing data": (dict(data={"path": "recipes/data/none.jsonl"}), ["'data.path'", "none.jsonl"]),
     "missing checkpoint": (dict(training={"resume_from_checkpoint": "outputs/none/checkpoint-7"}),
                            ["'training.resume_from_checkpoint'"]),
-    "guidance without its model": (dict(guidance_model=None), ["'guidance_model' section"]),
+    "guidance without a reward model": (dict(rewards=[{"function": "rgrl.toy.world:ground_truth"}]),
+                                        ["'rewards' holds 0 reward models", "training.guidance_model"]),
+    "unused guidance model": (dict(training={"guidance_method": "none", "guidance_model": "tiny:rm"}),
+                              ["guidance_model='tiny:rm' is set but guidance_method is 'none'"]),
     "eval without held-out prompts": (dict(data={"num_eval_prompts": 0}), ["data.num_eval_prompts"]),
     "eval groups split": (dict(training={"per_device_eval_batch_size": 6}), ["eval batch size", "6"]),
     "no training section": (dict(training=None), ["needs a `training` section"]),
@@ -131,8 +173,8 @@ def test_bad_recipe_errors(case, tmp_path):
 
 
 def test_bad_override_names_the_closest_key(tmp_path):
-    with pytest.raises(RecipeError, match="Did you mean 'guidance.lr'"):
-        load_training_recipe("recipes/tiny_dream.yaml", ["--guidance.lr_", "0.1"], dry_run=True)
+    with pytest.raises(RecipeError, match="Did you mean 'training.guidance_lr'"):
+        load_training_recipe("recipes/tiny_dream.yaml", ["--training.guidance_lr_", "0.1"], dry_run=True)
 
 
 def test_unquoted_no_is_the_strategy_no():
@@ -142,8 +184,8 @@ def test_unquoted_no_is_the_strategy_no():
 
 def test_cli_reports_errors_without_traceback(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main([str(write_recipe(tmp_path, sampler={"stpes": 3})), "--dry_run"])
-    assert "unknown key 'sampler.stpes'" in str(exit_info.value.code)
+        main([str(write_recipe(tmp_path, training={"diffusion_stpes": 3})), "--dry_run"])
+    assert "unknown key 'training.diffusion_stpes'" in str(exit_info.value.code)
 
 
 def test_unaligned_checkpoints_warn(tmp_path):

@@ -9,20 +9,16 @@ import pytest
 import torch
 from peft import LoraConfig
 
-from rgrl.guidance import GuidanceConfig, RewardGuidance
 from rgrl.models.loading import load_dllm
-from rgrl.rewards import RewardModel, RewardModelFunction, VocabBridge
-from rgrl.sampling import SamplerConfig
+from rgrl.rewards import RewardModel, RewardModelFunction
 from rgrl.trainers import (
     DiffuGRPOConfig,
     DiffuGRPOTrainer,
     RGRLConfig,
     RGRLTrainer,
-    clipped_surrogate,
     completion_log_probs,
     draw_noise,
     group_advantages,
-    k3_kl,
     sample_weights,
     sequence_log_likelihood,
     token_weights,
@@ -30,8 +26,9 @@ from rgrl.trainers import (
 from rgrl.trainers.base import _TRL_PRIVATE_SURFACE
 
 K = 2
-SAMPLER = SamplerConfig(steps=4, completion_length=8, schedule="linear", temperature=0.9, top_k=50,
-                        deprioritize_eos=False)
+ROLLOUT = dict(diffusion_steps=4, max_completion_length=8, schedule="linear", temperature=0.9, top_k=50,
+               deprioritize_eos=False)
+GUIDANCE = dict(guidance_method="entrgi", guidance_steps=1, guidance_lr=0.5, guidance_measure_gain=True)
 PROMPTS = ["Write about the cat and warm tea.", "Tell me why a dog likes old maps.",
            "Describe the ocean for my friend.", "Explain how a robot found fresh bread."]
 
@@ -55,7 +52,8 @@ def lora_config(family):
 def config_kwargs(tmp_path, **overrides):
     defaults = dict(output_dir=str(tmp_path), bf16=False, activation_checkpointing=False, report_to="none",
                     per_device_train_batch_size=4, num_generations=K, max_steps=2, learning_rate=1e-2,
-                    logging_steps=1, save_strategy="no", seed=0, dataloader_pin_memory=False, disable_tqdm=True)
+                    logging_steps=1, save_strategy="no", seed=0, dataloader_pin_memory=False, disable_tqdm=True,
+                    **ROLLOUT)
     return {**defaults, **overrides}
 
 
@@ -63,17 +61,12 @@ def make_trainer(kind, tmp_path, reward_model, family_name="dream", eval_prompts
                  **overrides):
     """A fresh tiny model in a fresh trainer (PEFT wraps the model in place, so nothing is shared)."""
     loaded = load_dllm(f"tiny:{family_name}", dtype="float32")
-    common = dict(family=loaded.family, sampler_config=SAMPLER, train_dataset=prompt_dataset(),
-                  eval_dataset=prompt_dataset(eval_prompts) if eval_prompts else None,
+    common = dict(train_dataset=prompt_dataset(), eval_dataset=prompt_dataset(eval_prompts) if eval_prompts else None,
                   processing_class=loaded.tokenizer, peft_config=lora_config(loaded.family))
     rewards = [RewardModelFunction(reward_model, "tiny_rm"), *extra_rewards]
     if kind == "rgrl":
-        bridge = VocabBridge(loaded.tokenizer, reward_model.tokenizer,
-                             num_rows=loaded.model.get_input_embeddings().weight.shape[0])
-        config = GuidanceConfig(method="entrgi", steps=1, lr=0.5, measure_gain=True)
-        guidance = RewardGuidance(config, reward_model, bridge, loaded.family.stop_token_ids)
-        args = RGRLConfig(**config_kwargs(tmp_path, **overrides))
-        return RGRLTrainer(loaded.model, rewards, args, guidance=guidance, **common)
+        args = RGRLConfig(**config_kwargs(tmp_path, **{**GUIDANCE, **overrides}))
+        return RGRLTrainer(loaded.model, rewards, args, **common)
     args = DiffuGRPOConfig(**config_kwargs(tmp_path, **overrides))
     return DiffuGRPOTrainer(loaded.model, rewards, args, **common)
 
@@ -169,19 +162,6 @@ def test_scale_rewards_boolean_strings_are_rejected(tmp_path, value):
         DiffuGRPOConfig(**config_kwargs(tmp_path, scale_rewards=value))
 
 
-def test_clipped_surrogate_and_kl_match_hand_computation():
-    ratios = torch.tensor([[0.5, 1.0, 1.5], [0.5, 1.0, 1.5]])
-    old = torch.full((2, 3), -2.0)
-    loss, ratio = clipped_surrogate(old + ratios.log(), old, torch.tensor([1.0, -1.0]), 0.2, 0.2)
-    assert torch.allclose(ratio, ratios)
-    # A=+1: -min(ρ, clip(ρ)) ; A=-1: -min(-ρ, -clip(ρ)) = max(ρ, clip(ρ))
-    assert torch.allclose(loss, torch.tensor([[-0.5, -1.0, -1.2], [0.8, 1.0, 1.5]]))
-    loss_high, _ = clipped_surrogate(old + ratios.log(), old, torch.tensor([1.0, -1.0]), 0.2, 0.4)
-    assert torch.allclose(loss_high, torch.tensor([[-0.5, -1.0, -1.4], [0.8, 1.0, 1.5]]))
-    kl = k3_kl(torch.tensor([0.0, -1.0]), torch.tensor([math.log(2.0), -1.0]))
-    assert torch.allclose(kl, torch.tensor([2.0 - math.log(2.0) - 1.0, 0.0]))
-
-
 def test_rgrl_sample_weights():
     rewards = torch.tensor([1.0, 2.0, 0.0, 4.0, math.nan, 3.0])
     assert torch.equal(sample_weights(rewards, 2, "uniform"), torch.ones(6))
@@ -223,8 +203,8 @@ def test_kl_needs_lora(tmp_path, reward_model):
     loaded = load_dllm("tiny:dream", dtype="float32")
     with pytest.raises(ValueError, match="needs LoRA"):
         DiffuGRPOTrainer(loaded.model, [RewardModelFunction(reward_model, "rm")],
-                         DiffuGRPOConfig(**config_kwargs(tmp_path, beta=0.04)), family=loaded.family,
-                         sampler_config=SAMPLER, train_dataset=prompt_dataset(), processing_class=loaded.tokenizer)
+                         DiffuGRPOConfig(**config_kwargs(tmp_path, beta=0.04)), train_dataset=prompt_dataset(),
+                         processing_class=loaded.tokenizer)
 
 
 # ------------------------------------------------------------------------------------------------ trainers
@@ -241,13 +221,50 @@ def test_diffu_grpo_same_mask_for_old_ref_and_current_and_zero_kl_at_start(tmp_p
         for j in range(2):
             current = trainer._log_probs(trainer.model, batch, j)
             assert torch.equal(current[mask], batch["old_per_token_logps"][:, j][mask])
-            assert torch.equal(k3_kl(current, batch["ref_per_token_logps"][:, j])[mask], torch.zeros(mask.sum()))
+            assert torch.equal(current[mask], batch["ref_per_token_logps"][:, j][mask]), "zero KL at the start"
         other_mask = trainer._log_probs(trainer.model, {**batch, "prompt_noise": noise.flip(1)}, 0)
         assert not torch.allclose(other_mask[mask], batch["old_per_token_logps"][:, 0][mask])
     assert torch.equal(batch["advantages"], group_advantages(torch.tensor(trainer._logs["rewards"]["tiny_rm"]), K))
     rendered = trainer.family.render_prompt(trainer.processing_class, rollout_rows()[0]["prompt"])
     first = batch["prompt_ids"][0][batch["prompt_mask"][0].bool()]
     assert trainer.processing_class.decode(first) == rendered, "prompts go through the dLLM's chat template"
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_diffu_grpo_loss_matches_hand_computation(tmp_path, reward_model, loss_type):
+    """TRL's loss on the diffusion log-probs of inner iteration j: the clipped surrogate, β·k3 KL and each loss
+    type's normalisation, computed here directly from `completion_log_probs` with mask j."""
+    trainer = make_trainer("diffu_grpo", tmp_path, reward_model, beta=0.04, num_iterations=2, loss_type=loss_type)
+    trainer.model.train()
+    batch = trainer._generate_and_score_completions(rollout_rows())
+    rows, width = batch["completion_ids"].shape
+    # old log-probs that put ratios on both sides of the clip range, advantages of both signs
+    batch["old_per_token_logps"] = batch["old_per_token_logps"] + torch.linspace(-0.5, 0.5, width)
+    batch["advantages"] = torch.tensor([1.0, -1.0, 0.5, -2.0])
+    trainer._step, trainer.current_gradient_accumulation_steps, j = 1, 1, 1  # the second inner iteration
+    with torch.no_grad():
+        log_probs = completion_log_probs(trainer.model, trainer.family, batch["prompt_ids"], batch["prompt_mask"],
+                                         batch["completion_ids"], batch["prompt_noise"][:, j],
+                                         batch["completion_noise"][:, j])
+        ratio = (log_probs - batch["old_per_token_logps"][:, j]).exp()
+        advantages = batch["advantages"].unsqueeze(1)
+        surrogate = -torch.min(ratio * advantages, ratio.clamp(0.8, 1.2) * advantages)
+        delta = batch["ref_per_token_logps"][:, j] - log_probs
+        per_token = surrogate + 0.04 * (delta.exp() - delta - 1)
+        mask = batch["completion_mask"].float()
+        expected = {
+            "grpo": ((per_token * mask).sum(-1) / mask.sum(-1)).mean(),
+            "bnpo": (per_token * mask).sum() / mask.sum(),
+            "dr_grpo": (per_token * mask).sum() / (rows * trainer.args.max_completion_length),
+            "dapo": (per_token * mask).sum() / (batch["num_items_in_batch"] / trainer.args.steps_per_generation),
+        }[loss_type]
+        assert 0 < ((ratio - 1).abs() > 0.2).float().mean() < 1, "some ratios clipped, some not"
+        loss = trainer._compute_loss(trainer.model, batch)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-7)
+    metrics = trainer._metrics["train"]
+    assert {"kl", "entropy", "clip_ratio/region_mean", "learner/loglik"} <= set(metrics)
+    assert metrics["learner/loglik"][-1] == pytest.approx(
+        sequence_log_likelihood(log_probs, mask, batch["completion_mask"]).mean().item(), rel=1e-5)
 
 
 def completion_length(prompts, completions, **kwargs):

@@ -155,7 +155,7 @@ def build(name: str, device: torch.device, dtype: torch.dtype, layers: int, canv
     else:
         model, family, tokenizer, reward_model = _full_size(device, dtype, layers)
         bridge = IdentityBridge(num_logit_rows(model))
-    sampler_config = SamplerConfig(steps=slots, completion_length=slots, schedule="linear",
+    sampler_config = SamplerConfig(steps=slots, max_completion_length=slots, schedule="linear",
                                    temperature=setting["temperature"], top_p=setting["top_p"],
                                    top_k=setting["top_k"], deprioritize_eos=False)
     guidance = RewardGuidance(GuidanceConfig(method="entrgi", steps=setting["steps"], lr=setting["lr"],
@@ -197,20 +197,20 @@ def measure(setup: Setup, repeats: int, oracle: bool, compiled: bool, throughput
     sampler, guidance = setup.sampler, setup.guidance
     config, family = sampler.config, sampler.family
     rows, width = setup.canvas.shape
-    slots = setup.canvas[:, -config.completion_length:]
+    slots = setup.canvas[:, -config.max_completion_length:]
     masked = slots == family.mask_token_id
 
     def bound(seed: int, guide: RewardGuidance = guidance):
-        return guide.bind(setup.prompts, config.completion_length, config.temperature, config.top_p, config.top_k,
+        return guide.bind(setup.prompts, config.max_completion_length, config.temperature, config.top_p, config.top_k,
                           torch.Generator(guidance.device).manual_seed(seed))
 
     hook = bound(1)
     with torch.no_grad():
         logits = sampler._masked_logits(setup.canvas, setup.attention_mask, masked)  # φ at the first step [N, V]
     num_masked, vocab = logits.shape
-    step = RevealStep(block_start=0, block_end=config.completion_length, count=1)
+    step = RevealStep(block_start=0, block_end=config.max_completion_length, count=1)
     keep = torch.zeros_like(setup.canvas, dtype=torch.bool)
-    keep[:, -config.completion_length:] = masked
+    keep[:, -config.max_completion_length:] = masked
     if family.shifted_logits:
         keep = keep.roll(-1, dims=1)
     base = sampler.model.get_base_model() if hasattr(sampler.model, "get_base_model") else sampler.model
@@ -306,8 +306,8 @@ def measure(setup: Setup, repeats: int, oracle: bool, compiled: bool, throughput
         if variant in seconds and "naive_guidance" in seconds:
             summary[f"{variant}_time_over_naive"] = seconds[variant] / seconds["naive_guidance"]
             summary[f"{variant}_memory_over_naive"] = memory[variant] / max(memory["naive_guidance"], 1)
-    return {"shape": setup.name, "rows": rows, "prompt_length": width - config.completion_length,
-            "slots": config.completion_length, "masked": num_masked, "vocab": vocab,
+    return {"shape": setup.name, "rows": rows, "prompt_length": width - config.max_completion_length,
+            "slots": config.max_completion_length, "masked": num_masked, "vocab": vocab,
             "embedding_dim": guidance.embedding_matrix.shape[1], "parts": table, "summary": summary,
             "agreement": agreement}
 
@@ -334,7 +334,7 @@ def rollouts(setup: Setup, refresh: int, repeats: int) -> list[dict]:
     """Whole guided generations from the setup's prompts, exact and with the prompt cache refreshed every `refresh`
     steps, interleaved: median wall time, counted FLOPs (`DiffusionSampler.generation_flops`) and the speed-up."""
     base = setup.sampler
-    length = base.config.completion_length
+    length = base.config.max_completion_length
     prompt_ids = setup.canvas[:, :-length]
     variants = {"exact": 0, f"prompt cache r={refresh}": refresh}
     samplers = {name: DiffusionSampler(base.model, base.tokenizer, base.family,

@@ -9,7 +9,7 @@ recipes in recipes/):
      ground-truth pass rate of the best sample, mean ± SEM over seeds, and the FLOPs and seconds each spent;
   2. an ablation of EntRGi over M ∈ {1, 3} and η ∈ {0.25, 0.5, 1};
   3. training, per family: RGRL-EntRGi, RGRL-APS and diffu-GRPO with the same prompts and steps
-     (recipes/toy_<family>.yaml and recipes/toy_<family>_diffu_grpo.yaml, RGRL with `guidance.measure_gain` on for
+     (recipes/toy_<family>.yaml and recipes/toy_<family>_diffu_grpo.yaml, RGRL with `training.guidance_measure_gain` on for
      the guidance-gain column) — curves of the training reward and of the unguided held-out reward and ground-truth
      pass rate.
 
@@ -37,10 +37,10 @@ FAMILIES = ("dream", "llada")
 SECTIONS = ("test_time", "ablation", "training")
 ABLATION_STEPS = (1, 3)
 ABLATION_LRS = (0.25, 0.5, 1.0)
-MEASURE_GAIN = ["--guidance.measure_gain", "true"]  # the report's guidance-gain column; off in the recipes (cost)
+MEASURE_GAIN = ["--training.guidance_measure_gain", "true"]  # the report's guidance-gain column; off in the recipes (cost)
 TRAINING_VARIANTS = (  # (label, recipe pattern, overrides)
     ("RGRL-EntRGi", "recipes/toy_{family}.yaml", MEASURE_GAIN),
-    ("RGRL-APS", "recipes/toy_{family}.yaml", ["--guidance.method", "aps", *MEASURE_GAIN]),
+    ("RGRL-APS", "recipes/toy_{family}.yaml", ["--training.guidance_method", "aps", *MEASURE_GAIN]),
     ("diffu-GRPO", "recipes/toy_{family}_diffu_grpo.yaml", []),
 )
 

@@ -59,7 +59,7 @@ class PromptDataConfig:
     source: str = "wildchat_if"  # wildchat_if, lmsys, rm_bench, judgebench, reward_bench_2, toy, hub or local
     path: str | None = None  # Hub dataset id or local file/folder; hub and local need it
     subset: str | None = None  # Hub config name
-    split: str | None = None
+    split: str | None = None  # dataset split (default: the source's)
     field: str | None = None  # column with the prompt: a string or a list of chat messages; hub and local need it
     turn: Literal["first", "last"] | None = None  # which user turn of a list of chat messages
     language: str | None = None  # keep rows whose `language` column equals this (lmsys: English)

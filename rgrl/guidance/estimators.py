@@ -17,20 +17,22 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 from rgrl.distributions import normalized_entropy, sample_tokens, scale_logits, uniforms
+from rgrl.models.family import before_first_stop
 
-GUIDANCE_METHODS = ("entrgi", "aps", "expectation", "none")
+GuidanceMethod = Literal["entrgi", "aps", "expectation", "none"]
+GUIDANCE_METHODS = get_args(GuidanceMethod)
 
 
 @dataclass
 class GuidanceConfig:
     """How reward gradients steer sampling. The temperature, top-p and top-k come from the sampler."""
 
-    method: Literal["entrgi", "aps", "expectation", "none"] = "entrgi"
+    method: GuidanceMethod = "entrgi"  # entrgi | aps | expectation | none (unguided)
     steps: int = 3  # M: Adam steps on φ per denoising step
     lr: float = 0.5  # η
     # Log the reward of the updated proposals (guidance/reward_after, reward_gain): one extra RM forward per denoising
@@ -244,9 +246,7 @@ class RewardGuidance:
     def first_stop(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """[B, L] ids -> (keep [B, L] bool: slots strictly before the first stop token; stop_slot [B] long: the
         first stop token's slot, L when there is none)."""
-        is_stop = torch.isin(ids, torch.tensor(self.stop_token_ids, device=ids.device))
-        keep = is_stop.long().cumsum(dim=-1) == 0
-        return keep, keep.sum(dim=-1)
+        return before_first_stop(ids, self.stop_token_ids)
 
 
 class GuidanceHook:

@@ -41,6 +41,14 @@ DREAM_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_p
 LLADA_LORA_TARGETS = r".*\.blocks\.\d+\.(q_proj|k_proj|v_proj|attn_out|ff_proj|up_proj|ff_out)"
 
 
+def before_first_stop(ids: torch.Tensor, stop_token_ids: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a response ends: [B, L] ids -> (before [B, L] bool, the slots strictly before the first stop token;
+    stop_slot [B] long, that token's slot, L when there is none)."""
+    is_stop = torch.isin(ids, torch.tensor(stop_token_ids, device=ids.device))
+    before = is_stop.long().cumsum(dim=-1) == 0
+    return before, before.sum(dim=-1)
+
+
 @dataclass(frozen=True)
 class FamilyDefaults:
     """What is known about a family before looking at a concrete checkpoint."""

@@ -142,20 +142,20 @@ def load_tokenizer(path: str, trust_remote_code: bool = False):
 class DLLMConfig:
     """The recipe's `model` section: which dLLM to load and how (also the family overrides of `resolve_family`)."""
 
-    path: str
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
-    attn_implementation: str | None = "sdpa"
-    load_in_4bit: bool = False
-    trust_remote_code: bool = False
+    path: str  # local model folder, Hub id 'org/name', or tiny:/toy: name
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # weights' dtype
+    attn_implementation: str | None = "sdpa"  # sdpa, eager, flash_attention_2 (None: transformers' choice)
+    load_in_4bit: bool = False  # QLoRA: NF4 weights (CUDA and bitsandbytes)
+    trust_remote_code: bool = False  # run the checkpoint's own modeling code (models rgrl does not know)
     adapter: str | None = None  # a trained LoRA adapter directory to apply (evaluation of a trained policy)
     # family overrides, for models rgrl does not know (see rgrl.models.family.resolve_family)
-    family: str = "auto"
-    mask_token_id: int | None = None
-    eos_token_id: int | None = None
-    end_of_turn_token_id: int | None = None
-    shifted_logits: bool | None = None
-    lora_target_modules: list[str] | str | None = None
-    chat_template: str | None = None
+    family: str = "auto"  # dream, llada, or auto (from config.model_type)
+    mask_token_id: int | None = None  # the mask token (default: the family's)
+    eos_token_id: int | None = None  # the tokenizer's end of text (default: the family's)
+    end_of_turn_token_id: int | None = None  # the chat template's end of turn (default: the family's)
+    shifted_logits: bool | None = None  # logits at position i predict token i+1 (Dream) (default: the family's)
+    lora_target_modules: list[str] | str | None = None  # LoRA targets (default: the family's projections)
+    chat_template: str | None = None  # Jinja chat template (default: the tokenizer's)
 
     def family_overrides(self) -> dict:
         names = ("family", "mask_token_id", "eos_token_id", "end_of_turn_token_id", "shifted_logits",

@@ -6,7 +6,7 @@ that guidance calls with response embeddings built from `VocabBridge.embedding_m
 
 from rgrl.rewards.bridge import BridgeCoverage, VocabBridge
 from rgrl.rewards.config import RewardModelConfig
-from rgrl.rewards.functions import RewardModelFunction, import_function
+from rgrl.rewards.functions import RewardModelFunction, import_function, reward_name
 from rgrl.rewards.reward_model import EmbeddingScorer, RewardModel
 from rgrl.rewards.template import RESPONSE_PLACEHOLDER, RewardTemplate, TemplateError, as_messages
 
@@ -22,4 +22,5 @@ __all__ = [
     "VocabBridge",
     "as_messages",
     "import_function",
+    "reward_name",
 ]

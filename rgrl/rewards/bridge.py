@@ -25,8 +25,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Literal, get_args
 
 import torch
+
+BridgeFallback = Literal["eos", "zero"]  # embedding of dLLM tokens the RM vocabulary lacks
+BRIDGE_FALLBACKS = get_args(BridgeFallback)
 
 _BYTE_TOKEN = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 _SPIECE_SPACE = "\u2581"  # '▁'
@@ -151,8 +155,8 @@ class VocabBridge:
     def __init__(
         self, dllm_tokenizer, rm_tokenizer, num_rows: int | None = None, fallback: str = "eos", split: bool = True
     ):
-        if fallback not in ("eos", "zero"):
-            raise ValueError(f"Unknown bridge fallback {fallback!r}; expected 'eos' or 'zero'.")
+        if fallback not in BRIDGE_FALLBACKS:
+            raise ValueError(f"Unknown bridge fallback {fallback!r}; expected one of {BRIDGE_FALLBACKS}.")
         num_rows = len(dllm_tokenizer) if num_rows is None else num_rows
         fallback_id = -1
         if fallback == "eos":

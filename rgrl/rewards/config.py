@@ -8,7 +8,7 @@ from typing import Literal
 import torch
 
 from rgrl.models.loading import resolve_checkpoint
-from rgrl.rewards.bridge import VocabBridge
+from rgrl.rewards.bridge import BridgeFallback, VocabBridge
 from rgrl.rewards.reward_model import RewardModel
 
 
@@ -16,12 +16,12 @@ from rgrl.rewards.reward_model import RewardModel
 class RewardModelConfig:
     """A sequence-classification reward model (one label) and how guidance bridges the dLLM vocabulary to it."""
 
-    path: str
-    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    path: str  # local model folder, Hub id 'org/name', or tiny:/toy: name
+    dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"  # weights' dtype
     max_length: int = 4096  # longer RM inputs keep their end
-    attn_implementation: str | None = "sdpa"
-    trust_remote_code: bool = False
-    bridge_fallback: Literal["eos", "zero"] = "eos"  # embedding of dLLM tokens the RM vocabulary lacks
+    attn_implementation: str | None = "sdpa"  # sdpa, eager, flash_attention_2 (None: transformers' choice)
+    trust_remote_code: bool = False  # run the checkpoint's own modeling code
+    bridge_fallback: BridgeFallback = "eos"  # embedding of dLLM tokens the RM vocabulary lacks: eos | zero
     bridge_split: bool = True  # a dLLM token the RM writes as several tokens maps to the mean of their embeddings
 
     def __post_init__(self):

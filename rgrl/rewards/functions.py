@@ -31,11 +31,17 @@ def _completion_text(completion) -> str:
     return completion
 
 
-class RewardModelFunction:
-    """A reward model as a TRL reward function; its `__name__` names the `rewards/<name>/…` metrics."""
+def reward_name(path: str) -> str:
+    """The metric name of a reward model given by name: "org/Model-1B" -> "Model-1B", "toy:rm" -> "rm"."""
+    return path.rstrip("/").split("/")[-1].split(":")[-1]
 
-    def __init__(self, reward_model: RewardModel, name: str, batch_size: int = 8):
-        self.reward_model, self.__name__, self.batch_size = reward_model, name, batch_size
+
+class RewardModelFunction:
+    """A reward model as a TRL reward function; its `__name__` names the `rewards/<name>/…` metrics, `path` is the
+    name it was loaded from (None when built from a loaded model)."""
+
+    def __init__(self, reward_model: RewardModel, name: str, batch_size: int = 8, path: str | None = None):
+        self.reward_model, self.__name__, self.batch_size, self.path = reward_model, name, batch_size, path
 
     def __call__(self, prompts: list, completions: list, **kwargs) -> list[float]:
         texts = [_completion_text(c) for c in completions]

@@ -6,11 +6,14 @@ tempered, top-p/top-k filtered distribution), the raw logits [N, V] and the draw
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 import torch
 
 from rgrl.distributions import Candidates
 
-CONFIDENCE_RULES = ("entropy", "maskgit_plus", "topk_margin", "low_confidence", "random")
+ConfidenceRule = Literal["entropy", "maskgit_plus", "topk_margin", "low_confidence", "random"]
+CONFIDENCE_RULES = get_args(ConfidenceRule)
 
 
 def confidence(

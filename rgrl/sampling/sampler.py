@@ -13,23 +13,25 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 from rgrl.distributions import nucleus, sample_tokens, uniforms
 from rgrl.guidance import GuidanceStats, RewardGuidance
-from rgrl.models.family import DiffusionFamily
+from rgrl.models.family import DiffusionFamily, before_first_stop
 from rgrl.models.flops import TransformerShape, soft_embedding_flops
 from rgrl.models.layers import PromptCache
-from rgrl.sampling.confidence import CONFIDENCE_RULES, confidence
-from rgrl.sampling.schedules import SCHEDULES, reveal_plan
+from rgrl.sampling.confidence import CONFIDENCE_RULES, ConfidenceRule, confidence
+from rgrl.sampling.schedules import SCHEDULES, Schedule, reveal_plan
 
 # Ranks a deprioritised (stop-token) slot below every other slot but above slots that cannot be revealed.
 _DEPRIORITIZED = -1e9
 # Which drawn tokens `deprioritize_eos` holds back: the tokenizer's EOS only (Dream's pad-like <|endoftext|>, as the
 # paper's reference sampler), or also the chat template's end of turn (<|im_end|>, <|eot_id|>).
-DEPRIORITIZED_TOKEN_SETS = ("eos", "eos_and_end_of_turn")
+DeprioritizedTokens = Literal["eos", "eos_and_end_of_turn"]
+DEPRIORITIZED_TOKEN_SETS = get_args(DeprioritizedTokens)
+ConfidenceFrom = Literal["guided", "unguided"]  # rank slots by the guided or the unguided logits
 
 
 @dataclass
@@ -37,17 +39,17 @@ class SamplerConfig:
     """Settings of the denoising loop."""
 
     steps: int = 128  # T, denoising steps
-    completion_length: int = 128  # L, masked slots after the prompt
-    schedule: Literal["dream", "linear"] = "dream"
+    max_completion_length: int = 128  # L, masked slots after the prompt
+    schedule: Schedule = "dream"  # how many slots each step reveals: dream | linear
     block_length: int | None = None  # LLaDA-style blocks; None = one block
-    alg: Literal["entropy", "maskgit_plus", "topk_margin", "low_confidence", "random"] = "entropy"
+    alg: ConfidenceRule = "entropy"  # confidence rule ranking the masked slots
     alg_temp: float = 0.0  # > 0: draw the slots to reveal from softmax(confidence / alg_temp)
     temperature: float = 0.7  # τ
-    top_p: float | None = 0.95
-    top_k: int | None = None
+    top_p: float | None = 0.95  # nucleus filter (None: off)
+    top_k: int | None = None  # top-k filter (None or 0: off)
     deprioritize_eos: bool = True  # slots whose drawn token is in `deprioritized_tokens` are revealed last
-    deprioritized_tokens: Literal["eos", "eos_and_end_of_turn"] = "eos"  # "eos": the tokenizer's EOS only
-    confidence_from: Literal["guided", "unguided"] = "guided"
+    deprioritized_tokens: DeprioritizedTokens = "eos"  # "eos": the tokenizer's EOS only
+    confidence_from: ConfidenceFrom = "guided"  # rank slots by the guided or the unguided logits
     eps: float = 1e-3  # Dream schedule's final timestep
     max_prompt_length: int | None = None  # longer prompts keep the end of their last user turn
     # Cache mode (beyond the paper; both off by default). prompt_cache_refresh r >= 1: the prompt's keys/values are
@@ -65,10 +67,11 @@ class SamplerConfig:
         if self.deprioritized_tokens not in DEPRIORITIZED_TOKEN_SETS:
             raise ValueError(f"deprioritized_tokens must be one of {DEPRIORITIZED_TOKEN_SETS}, got "
                              f"{self.deprioritized_tokens!r}.")
-        if self.confidence_from not in ("guided", "unguided"):
-            raise ValueError(f"confidence_from must be 'guided' or 'unguided', got {self.confidence_from!r}.")
-        if self.steps < 1 or self.completion_length < 1:
-            raise ValueError("steps and completion_length must be >= 1.")
+        if self.confidence_from not in get_args(ConfidenceFrom):
+            raise ValueError(f"confidence_from must be one of {get_args(ConfidenceFrom)}, got "
+                             f"{self.confidence_from!r}.")
+        if self.steps < 1 or self.max_completion_length < 1:
+            raise ValueError("steps and max_completion_length must be >= 1.")
         if self.temperature < 0 or self.alg_temp < 0:
             raise ValueError("temperature and alg_temp must be >= 0.")
         if self.top_p is not None and not 0 < self.top_p <= 1:
@@ -83,7 +86,7 @@ class SamplerConfig:
             raise ValueError(f"prompt_cache_refresh must be >= 0 (0: off), got {self.prompt_cache_refresh}.")
         if self.reveal_threshold is not None and not 0 < self.reveal_threshold <= 1:
             raise ValueError(f"reveal_threshold must be in (0, 1] or None, got {self.reveal_threshold}.")
-        reveal_plan(self.schedule, self.completion_length, self.steps, self.block_length, self.eps)  # validates
+        reveal_plan(self.schedule, self.max_completion_length, self.steps, self.block_length, self.eps)  # validates
 
 
 @dataclass
@@ -124,8 +127,8 @@ class SampleOutput:
 
 def completion_mask(ids: torch.Tensor, stop_token_ids: tuple[int, ...]) -> torch.Tensor:
     """[B, L] ids -> [B, L] bool: True up to and including the first stop token (all True without one)."""
-    is_stop = torch.isin(ids, torch.tensor(stop_token_ids, device=ids.device)).long()
-    return (is_stop.cumsum(dim=-1) - is_stop) == 0
+    before, stop_slot = before_first_stop(ids, stop_token_ids)
+    return before | (torch.arange(ids.shape[-1], device=ids.device) == stop_slot.unsqueeze(-1))
 
 
 class DiffusionSampler:
@@ -143,7 +146,7 @@ class DiffusionSampler:
                  guidance: RewardGuidance | None = None):
         self.model, self.tokenizer, self.family = model, tokenizer, family
         self.config, self.guidance = config, guidance
-        self.plan = reveal_plan(config.schedule, config.completion_length, config.steps, config.block_length,
+        self.plan = reveal_plan(config.schedule, config.max_completion_length, config.steps, config.block_length,
                                 config.eps)
 
     @property
@@ -168,7 +171,7 @@ class DiffusionSampler:
         fitted = [self._fit_prompt(prompt, limit) for prompt in prompts]
         cut = sum(a is not b for a, b in zip(prompts, fitted))
         if cut:
-            warnings.warn(f"{cut} of {len(prompts)} prompts are longer than sampler.max_prompt_length={limit} tokens: "
+            warnings.warn(f"{cut} of {len(prompts)} prompts are longer than max_prompt_length={limit} tokens: "
                           "the start of their last user turn is cut (the reward model scores the cut prompts).",
                           stacklevel=2)
         return fitted
@@ -191,7 +194,7 @@ class DiffusionSampler:
             if length(fitted) <= limit:
                 return fitted[turn]["content"] if isinstance(prompt, str) else fitted
             if not kept:
-                raise ValueError(f"sampler.max_prompt_length={limit} is shorter than the chat template around a "
+                raise ValueError(f"max_prompt_length={limit} is shorter than the chat template around a "
                                  f"prompt ({length(fitted)} tokens with an empty user turn); raise it.")
             overflow += 1
 
@@ -210,7 +213,7 @@ class DiffusionSampler:
         start = time.perf_counter()
         config, family = self.config, self.family
         batch, prompt_length = prompt_ids.shape
-        length = config.completion_length
+        length = config.max_completion_length
         device = prompt_ids.device
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())  # from the global RNG: reproducible under set_seed
@@ -266,7 +269,7 @@ class DiffusionSampler:
         cache mode's `prompt_cache`, filling or reused), the guidance hook `guide` (from `RewardGuidance.bind`, or
         None), then sampling and revealing per `step` (a `RevealStep` of the plan)."""
         config = self.config
-        slots = canvas[:, -config.completion_length:]
+        slots = canvas[:, -config.max_completion_length:]
         masked = slots == self.family.mask_token_id
         logits = self._masked_logits(canvas, attention_mask, masked, prompt_cache)  # [N, V]
         queries = canvas.shape[1] - (prompt_cache.length if prompt_cache and not prompt_cache.filling else 0)
@@ -310,8 +313,7 @@ class DiffusionSampler:
 
     def decode(self, completion_ids: torch.Tensor) -> list[str]:
         """Completion texts, cut before the first stop token, special tokens skipped."""
-        before_stop = completion_mask(completion_ids, self.family.stop_token_ids) & ~torch.isin(
-            completion_ids, torch.tensor(self.family.stop_token_ids, device=completion_ids.device))
+        before_stop, _ = before_first_stop(completion_ids, self.family.stop_token_ids)
         rows = [ids[keep].tolist() for ids, keep in zip(completion_ids, before_stop)]
         return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
 

@@ -11,10 +11,12 @@ right, the steps are split evenly over the blocks, and each block follows the sc
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
-SCHEDULES = ("dream", "linear")
+Schedule = Literal["dream", "linear"]
+SCHEDULES = get_args(Schedule)
 
 
 def reveal_counts(schedule: str, num_masked: int, steps: int, eps: float = 1e-3) -> list[int]:
@@ -46,13 +48,13 @@ class RevealStep:
     count: int
 
 
-def reveal_plan(schedule: str, completion_length: int, steps: int, block_length: int | None = None,
+def reveal_plan(schedule: str, max_completion_length: int, steps: int, block_length: int | None = None,
                 eps: float = 1e-3) -> list[RevealStep]:
     """The whole generation's steps, block by block."""
-    block_length = block_length or completion_length
-    if completion_length % block_length:
-        raise ValueError(f"block_length {block_length} must divide the completion length {completion_length}.")
-    num_blocks = completion_length // block_length
+    block_length = block_length or max_completion_length
+    if max_completion_length % block_length:
+        raise ValueError(f"block_length {block_length} must divide the completion length {max_completion_length}.")
+    num_blocks = max_completion_length // block_length
     if steps % num_blocks:
         raise ValueError(f"steps ({steps}) must be divisible by the number of blocks ({num_blocks}).")
     plan = []

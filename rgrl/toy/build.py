@@ -69,7 +69,7 @@ GUIDED_EVALS = ("entrgi", "aps")
 def sampler_config(**overrides) -> SamplerConfig:
     """The sampler settings the toy world is measured with: the paper's test-time settings (τ = 0.7, top-p 0.95,
     entropy confidence, EOS revealed last, Dream schedule) at T = L = 16."""
-    settings = dict(steps=world.RESPONSE_TOKENS, completion_length=world.RESPONSE_TOKENS, temperature=0.7,
+    settings = dict(steps=world.RESPONSE_TOKENS, max_completion_length=world.RESPONSE_TOKENS, temperature=0.7,
                     top_p=0.95, alg="entropy", deprioritize_eos=True)
     return SamplerConfig(**{**settings, **overrides})
 

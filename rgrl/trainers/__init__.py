@@ -1,9 +1,10 @@
 """RGRL and diffu-GRPO trainers for masked diffusion LMs, on TRL's GRPO loop."""
 
-from rgrl.trainers.base import MaskedDiffusionConfig, MaskedDiffusionTrainer, sync_sampling_args
+from rgrl.trainers.base import MaskedDiffusionTrainer
 from rgrl.trainers.callbacks import MetricsFileCallback
+from rgrl.trainers.config import MaskedDiffusionConfig
 from rgrl.trainers.diffu_grpo_config import DiffuGRPOConfig
-from rgrl.trainers.diffu_grpo_trainer import DiffuGRPOTrainer, clipped_surrogate, group_advantages, k3_kl
+from rgrl.trainers.diffu_grpo_trainer import DiffuGRPOTrainer, group_advantages
 from rgrl.trainers.likelihood import completion_log_probs, draw_noise, sequence_log_likelihood, token_weights
 from rgrl.trainers.rgrl_config import RGRLConfig
 from rgrl.trainers.rgrl_trainer import RGRLTrainer, sample_weights
@@ -16,13 +17,10 @@ __all__ = [
     "MetricsFileCallback",
     "RGRLConfig",
     "RGRLTrainer",
-    "clipped_surrogate",
     "completion_log_probs",
     "draw_noise",
     "group_advantages",
-    "k3_kl",
     "sample_weights",
     "sequence_log_likelihood",
-    "sync_sampling_args",
     "token_weights",
 ]

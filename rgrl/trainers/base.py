@@ -9,13 +9,16 @@ functions, logging, checkpointing and eval loop. They replace what assumes a cau
                padded tensors, and the random masks of the likelihood estimator drawn once per rollout and
                stored in the batch (so they travel with their rows through TRL's shuffle and split).
   log-probs    `rgrl.trainers.likelihood` instead of TRL's causal path (`_get_per_token_logps_and_entropies`
-               is guarded: it would score clean completions visible to a bidirectional model).
+               is guarded: it would score clean completions visible to a bidirectional model; diffu-GRPO answers
+               it with the diffusion log-probs, so TRL's own loss runs on them).
 
   faults       rows without a finite total reward get no signal (and are counted), a NaN/inf loss or gradient
                skips the optimizer step, a NaN/inf adapter is never saved, SIGTERM/SIGUSR1 checkpoint and stop,
                checkpoints get a completion marker (`rgrl.trainers.guards`, `rgrl.trainers.checkpoints`).
 
-Subclasses supply `_per_sample_signal`, `_compute_loss` and optionally `_behaviour_log_probs` and `_guidance`.
+The constructor takes `GRPOTrainer`'s arguments: models and reward models by name are loaded by
+`rgrl.trainers.inputs`, the rollout's settings come from the config (`MaskedDiffusionConfig.sampler_config()`).
+Subclasses supply `_per_sample_signal`, `_compute_loss` and optionally `_behaviour_log_probs` and `_build_guidance`.
 Pinned to TRL 1.16: the private methods overridden or called here are listed in `_TRL_PRIVATE_SURFACE`.
 """
 
@@ -25,213 +28,37 @@ import abc
 import dataclasses
 import logging
 import math
-import os
 import time
 import warnings
-from dataclasses import dataclass, field
-from functools import cached_property
 
 import torch
 from accelerate.utils import gather_object
 from torch.nn.utils.rnn import pad_sequence
 from transformers import GenerationConfig
-from trl import GRPOConfig, GRPOTrainer
+from trl import GRPOTrainer
 from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import nanstd
 
 from rgrl.models.family import DiffusionFamily
-from rgrl.recipe import is_secret
-from rgrl.sampling import DiffusionSampler, SamplerConfig
+from rgrl.rewards import reward_name
+from rgrl.sampling import DiffusionSampler
 from rgrl.trainers.checkpoints import CheckpointMarker
+from rgrl.trainers.config import MaskedDiffusionConfig
 from rgrl.trainers.guards import NonFiniteStepGuard, PreemptionCallback, any_process
+from rgrl.trainers.inputs import check_prompt_dataset, load_policy, reward_functions
 from rgrl.trainers.likelihood import completion_log_probs, draw_noise, token_weights
 
 logger = logging.getLogger(__name__)
+# transformers 5 deprecates `is_gradient_checkpointing`, which TRL 1.16 and peft still read (every rollout, in TRL)
+_CHECKPOINTING_DEPRECATION = "`is_gradient_checkpointing` is deprecated"
 
 # TRL 1.16 internals this module relies on (a TRL bump must re-check them; tests/test_trainers.py has a contract test).
 _TRL_PRIVATE_SURFACE = (
     "_generate", "_calculate_rewards", "_generate_and_score_completions", "_compute_loss",
     "_get_per_token_logps_and_entropies", "_metrics", "_logs", "_pending_metrics", "_pending_extra_logs", "_step",
-    "reward_func_names", "reward_weights", "num_generations_eval", "num_iterations", "epsilon_low", "epsilon_high",
+    "reward_func_names", "reward_weights", "num_generations_eval", "num_iterations",
     "current_gradient_accumulation_steps",
 )
-
-# GRPOConfig options whose code paths these trainers replace or cannot honour: any value but TRL's default is an
-# error naming the option. (vllm_* options only act with use_vllm.)
-UNSUPPORTED_OPTIONS = {
-    "use_vllm": "rollouts run on rgrl's diffusion sampler",
-    "use_transformers_continuous_batching": "rollouts run on rgrl's diffusion sampler",
-    "use_transformers_paged": "rollouts run on rgrl's diffusion sampler",
-    "generation_kwargs": "configure decoding in the recipe's `sampler` section",
-    "cache_implementation": "masked diffusion models decode without a KV cache",
-    "min_p": "the sampler supports temperature, top_p and top_k",
-    "repetition_penalty": "the sampler supports temperature, top_p and top_k",
-    "chat_template_kwargs": "prompts are rendered by the family's chat template",
-    "mask_truncated_completions": "not implemented for diffusion rollouts",
-    "pad_to_multiple_of": "batches are padded by rgrl",
-    "model_init_kwargs": "rgrl builds the model itself (the recipe's `model` section)",
-    "trust_remote_code": "set `model.trust_remote_code` in the recipe",
-    "cast_lm_head_to_fp32": "log-probs are computed in float32 already",
-    "use_liger_kernel": "the native Dream/LLaDA models are not patched by Liger",
-    "sync_ref_model": "the reference model is the base model with the LoRA adapter disabled",
-    "top_entropy_quantile": "not implemented for diffusion likelihoods",
-    "entropy_coef": "not implemented for diffusion likelihoods",
-    "use_adaptive_entropy": "not implemented for diffusion likelihoods",
-    "off_policy_mask_threshold": "not implemented for diffusion likelihoods",
-    "delta": "not implemented for diffusion likelihoods",
-    "importance_sampling_level": "ratios are per token",
-    "router_aux_loss_coef": "Dream and LLaDA are dense models",
-    "multi_objective_aggregation": "rewards are summed with `reward_weights`, then turned into the learning signal",
-}
-
-# TRL's sampling options mirror the sampler's (copied by `sync_sampling_args`); the recipe sets them in `sampler`.
-SAMPLER_OWNED_OPTIONS = {
-    "temperature": "sampler.temperature",
-    "top_p": "sampler.top_p",
-    "top_k": "sampler.top_k",
-    "max_completion_length": "sampler.completion_length",
-}
-
-_GRPO_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GRPOConfig)}
-
-
-@dataclass
-class MaskedDiffusionConfig(GRPOConfig):
-    """`GRPOConfig` for masked diffusion LMs; base of `RGRLConfig` and `DiffuGRPOConfig`.
-
-    Parameters (beyond GRPOConfig's):
-        p_mask_prompt: probability of masking each real prompt token in the likelihood estimate.
-
-    The sampler (`rgrl.sampling.SamplerConfig`) owns temperature, top_p, top_k and the completion length; the
-    trainers copy them into `temperature/top_p/top_k/max_completion_length` so TRL's bookkeeping agrees.
-    Gradient checkpointing is on by default, under transformers' current name `activation_checkpointing`.
-    """
-
-    p_mask_prompt: float = field(
-        default=0.3, metadata={"help": "Probability of masking each prompt token in the likelihood estimate."}
-    )
-    activation_checkpointing: bool | None = field(
-        default=True, metadata={"help": "Trade compute for memory (gradient checkpointing)."}
-    )
-    gradient_checkpointing: bool | None = field(
-        default=None, metadata={"help": "Deprecated alias of `activation_checkpointing`."}
-    )
-    overwrite_output_dir: bool = field(
-        default=False, metadata={"help": "Train into a non-empty output_dir without resuming (its files may be "
-                                         "overwritten). Without it, a non-empty output_dir needs "
-                                         "resume_from_checkpoint."}
-    )
-
-    def __post_init__(self):
-        if self.gradient_checkpointing is not None:  # the deprecated name, as TRL's docs still spell it
-            self.activation_checkpointing = self.gradient_checkpointing
-        self._check_ranges()
-        if isinstance(self.scale_rewards, str) and self.scale_rewards.lower() in ("true", "false"):
-            raise ValueError(
-                f"scale_rewards={self.scale_rewards!r} is ambiguous (a string, not a boolean): use 'none' (no "
-                "division by the reward std), 'group' or 'batch'."
-            )
-        for name, reason in UNSUPPORTED_OPTIONS.items():  # before GRPOConfig resolves any of them
-            if getattr(self, name) != _GRPO_DEFAULTS[name]:
-                raise ValueError(
-                    f"{type(self).__name__} does not support `{name}` ({reason}); remove it (TRL's default is "
-                    f"{_GRPO_DEFAULTS[name]!r}, got {getattr(self, name)!r})."
-                )
-        super().__post_init__()
-        if self.scale_rewards not in ("none", "group", "batch"):
-            raise ValueError(f"scale_rewards must be 'none', 'group' or 'batch', got {self.scale_rewards!r}.")
-        if not 0.0 <= self.p_mask_prompt <= 1.0:
-            raise ValueError(f"p_mask_prompt must be in [0, 1], got {self.p_mask_prompt}.")
-        rows = self.per_device_train_batch_size * self.steps_per_generation
-        if rows % self.num_generations:
-            raise ValueError(
-                f"The {self.num_generations} samples of a prompt must sit on one process: "
-                f"per_device_train_batch_size × steps_per_generation = {self.per_device_train_batch_size} × "
-                f"{self.steps_per_generation} = {rows} must be a multiple of num_generations={self.num_generations}."
-            )
-        if self.eval_strategy != "no":
-            self.check_eval_batch()
-        self._warn_unaligned_checkpoints()
-
-    # (name, predicate, requirement) of the numeric arguments neither TRL nor transformers range-checks
-    _RANGES = (
-        ("learning_rate", lambda v: v > 0, "> 0"),
-        ("max_steps", lambda v: v == -1 or v >= 1, ">= 1 (or -1: train num_train_epochs epochs)"),
-        ("num_train_epochs", lambda v: v > 0, "> 0"),
-        ("per_device_train_batch_size", lambda v: v >= 1, ">= 1"),
-        ("per_device_eval_batch_size", lambda v: v >= 1, ">= 1"),
-        ("gradient_accumulation_steps", lambda v: v >= 1, ">= 1"),
-        ("num_generations", lambda v: v >= 1, ">= 1"),
-        ("num_iterations", lambda v: v >= 1, ">= 1"),
-        ("weight_decay", lambda v: v >= 0, ">= 0"),
-        ("max_grad_norm", lambda v: v is None or v >= 0, ">= 0 (0: no clipping)"),
-        ("adam_beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
-        ("adam_beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
-        ("adam_epsilon", lambda v: v > 0, "> 0"),
-        ("warmup_steps", lambda v: v >= 0, ">= 0"),
-        ("logging_steps", lambda v: v > 0, "> 0"),
-        ("save_steps", lambda v: v > 0, "> 0"),
-        ("eval_steps", lambda v: v is None or v > 0, "> 0"),
-        ("save_total_limit", lambda v: v is None or v >= 1, ">= 1 (or unset: keep every checkpoint)"),
-        ("ddp_timeout", lambda v: v >= 1, ">= 1 second"),
-        ("seed", lambda v: v >= 0, ">= 0"),
-        ("beta", lambda v: v >= 0, ">= 0"),
-        ("epsilon", lambda v: v >= 0, ">= 0"),
-    )
-
-    def _check_ranges(self) -> None:
-        problems = [f"{name} must be {requirement}, got {getattr(self, name)!r}"
-                    for name, valid, requirement in self._RANGES
-                    if hasattr(self, name) and isinstance(getattr(self, name), (int, float, type(None)))
-                    and not valid(getattr(self, name))]
-        if problems:
-            raise ValueError("; ".join(problems) + ".")
-
-    @cached_property
-    def _setup_devices(self):
-        """transformers hands `ddp_timeout` to the process group on accelerators but not on a CPU (gloo), where a
-        collective then waits forever for a stuck process. Start the gloo group with the timeout here first;
-        accelerate adopts an existing group."""
-        on_cpu = self.use_cpu or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-        if on_cpu and int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-            torch.distributed.init_process_group(backend=self.ddp_backend or "gloo", timeout=self.ddp_timeout_delta)
-        return super()._setup_devices
-
-    def __getstate__(self):
-        """Pickles of the arguments (`training_args.bin` in the output folder and every checkpoint) carry no
-        tokens or keys: those fields are None there."""
-        return {name: (None if is_secret(name) else value) for name, value in self.__dict__.items()}
-
-    def __deepcopy__(self, memo):  # a deep copy keeps the secrets (pickling drops them)
-        import copy
-
-        copied = object.__new__(type(self))
-        memo[id(self)] = copied
-        copied.__dict__.update(copy.deepcopy(self.__dict__, memo))
-        return copied
-
-    def check_eval_batch(self) -> None:
-        """Eval groups must sit on one process too (called when an evaluation will run)."""
-        group = self.num_generations_eval or self.num_generations
-        if self.per_device_eval_batch_size % group:
-            raise ValueError(
-                f"per_device_eval_batch_size={self.per_device_eval_batch_size} must be a multiple of the eval group "
-                f"size num_generations_eval={group}, so the samples of a prompt sit on one process."
-            )
-
-    def _warn_unaligned_checkpoints(self) -> None:
-        if self.save_strategy != "steps" or self.save_steps < 1:
-            return
-        block = self.steps_per_generation * self.num_iterations
-        if (int(self.save_steps) * self.gradient_accumulation_steps) % block:
-            warnings.warn(
-                f"save_steps={self.save_steps} is not on a generation boundary (every {block} micro-steps = "
-                f"steps_per_generation × num_iterations, with gradient_accumulation_steps="
-                f"{self.gradient_accumulation_steps}): a run resumed from such a checkpoint regenerates the "
-                "interrupted rollout and differs from an uninterrupted run.",
-                stacklevel=3,
-            )
-
 
 def total_rewards(rewards_per_func: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """[N, F] rewards per function (NaN: the function did not score the row, TRL's None) and [F] weights -> [N]
@@ -242,48 +69,48 @@ def total_rewards(rewards_per_func: torch.Tensor, weights: torch.Tensor) -> torc
     return total.masked_fill(unscored | ~total.isfinite(), math.nan)
 
 
-def sync_sampling_args(args: GRPOConfig, sampler: SamplerConfig) -> None:
-    """Copy the sampler's τ, top-p, top-k and L into TRL's fields of the same meaning (TRL: 0 / 1.0 = off)."""
-    args.temperature = sampler.temperature
-    args.top_p = 1.0 if sampler.top_p is None else sampler.top_p
-    args.top_k = sampler.top_k or 0
-    args.max_completion_length = sampler.completion_length
-
-
 class MaskedDiffusionTrainer(GRPOTrainer, metaclass=abc.ABCMeta):
-    """`GRPOTrainer` whose rollouts and log-likelihoods are those of a masked diffusion LM.
+    """`GRPOTrainer` whose rollouts and log-likelihoods are those of a masked diffusion LM; called as `GRPOTrainer`.
 
     Args:
-        model: the dLLM (a `PreTrainedModel` instance). With `peft_config`, TRL wraps it in a LoRA adapter, and the
-            reference model of a KL term is the same model with the adapter disabled.
-        reward_funcs: TRL reward functions (callables `f(prompts, completions, **kwargs) -> list[float]`), e.g.
-            `rgrl.rewards.RewardModelFunction` for a reward model's discrete score (keep reward models out of
-            TRL's hands as `nn.Module`s: under ZeRO-3 TRL would shard them).
-        args: a `MaskedDiffusionConfig` subclass.
-        family: the model's `DiffusionFamily`.
-        sampler_config: the rollout sampler's settings (its τ/top-p/top-k/L are copied into `args`).
-        processing_class: the dLLM tokenizer (required: TRL cannot load one for a model instance).
+        model: the dLLM: a name (local folder, Hub id, or rgrl's `tiny:`/`toy:` checkpoints), loaded with
+            `args.model_init_kwargs`, or a loaded model. Its tokenizer and family are inferred. With `peft_config`,
+            TRL wraps it in a LoRA adapter (targets default to the family's projections), and the reference model
+            of a KL term is the same model with the adapter disabled.
+        reward_funcs: TRL reward functions (callables `f(prompts, completions, **kwargs) -> list[float]`) and reward
+            models by name (scored by `rgrl.rewards.RewardModelFunction`: the decoded completion, rendered with the
+            reward model's chat template; the model stays out of TRL's hands, which would shard it under ZeRO-3).
+        args: the trainer's config (`RGRLConfig` / `DiffuGRPOConfig`), rollout settings included; default: the
+            config's defaults.
+        train_dataset, eval_dataset: prompts in a `prompt` column (text or chat messages).
+        processing_class: the dLLM tokenizer (default: the model's own).
+        family: the model's `DiffusionFamily` (default: inferred from its config and `args.model_init_kwargs`).
     """
 
     _signal_key = "advantages"  # name of the per-completion learning signal in the batch
+    _config_class = MaskedDiffusionConfig
 
     def __init__(
         self,
         model,
-        reward_funcs,
-        args: MaskedDiffusionConfig,
-        *,
-        family: DiffusionFamily,
-        sampler_config: SamplerConfig,
+        reward_funcs=None,
+        args: MaskedDiffusionConfig | None = None,
         train_dataset=None,
         eval_dataset=None,
         processing_class=None,
         callbacks=None,
         optimizers=(None, None),
         peft_config=None,
+        *,
+        family: DiffusionFamily | None = None,
     ):
-        if processing_class is None:
-            raise ValueError("Pass the dLLM tokenizer as `processing_class`.")
+        if args is None:
+            name = model if isinstance(model, str) else model.config.name_or_path
+            args = self._config_class(output_dir=f"{reward_name(name)}-{type(self).__name__.removesuffix('Trainer')}")
+        if not isinstance(args, self._config_class):
+            raise TypeError(f"{type(self).__name__} needs a {self._config_class.__name__}, got {type(args).__name__}.")
+        check_prompt_dataset(train_dataset, "train_dataset")
+        check_prompt_dataset(eval_dataset, "eval_dataset")
         if args.beta != 0.0 and peft_config is None:
             raise ValueError(
                 "A KL term (beta > 0) needs LoRA: pass the base model and a `peft_config`; the reference model is the "
@@ -294,17 +121,25 @@ class MaskedDiffusionTrainer(GRPOTrainer, metaclass=abc.ABCMeta):
                 "With beta > 0, pass the base model plus `peft_config`, not a PeftModel: TRL would otherwise train "
                 "against a frozen copy of the adapter instead of the base model."
             )
-        self.family = family
-        self.sampler_config = sampler_config
-        sync_sampling_args(args, sampler_config)
+        model, processing_class, self.family = load_policy(model, args, processing_class, family)
+        if peft_config is not None and getattr(peft_config, "target_modules", False) is None:
+            targets = self.family.lora_target_modules
+            peft_config = dataclasses.replace(
+                peft_config, target_modules=targets if isinstance(targets, str) else list(targets))
+        reward_funcs = reward_functions(reward_funcs, args)
+        if not reward_funcs:
+            raise ValueError("reward_funcs is empty: give at least one reward function or reward model name.")
+        self.sampler_config = args.sampler_config()
+        self.guidance = self._build_guidance(args, reward_funcs, processing_class, model)
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
         base.generation_config = GenerationConfig(  # TRL reads the stop ids (clipped_ratio) and the pad id here
-            eos_token_id=list(family.stop_token_ids), pad_token_id=family.pad_token_id
+            eos_token_id=list(self.family.stop_token_ids), pad_token_id=self.family.pad_token_id
         )
         self._rollout_seconds = 0.0  # total time in _generate_and_score_completions, for the learner's share
         self.non_finite_loss = False  # a micro-batch loss of this optimizer step was NaN/inf (read by the guard)
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="You are using 'rollout_func'", category=UserWarning)
+            warnings.filterwarnings("ignore", message=_CHECKPOINTING_DEPRECATION, category=FutureWarning)
             super().__init__(
                 model=model,
                 reward_funcs=reward_funcs,
@@ -322,6 +157,10 @@ class MaskedDiffusionTrainer(GRPOTrainer, metaclass=abc.ABCMeta):
         for callback in (self.step_guard, self.preemption, CheckpointMarker(self)):
             self.add_callback(callback)
 
+    def _build_guidance(self, args, reward_funcs: list, tokenizer, model):
+        """The `RewardGuidance` of training rollouts, or None (diffu-GRPO: unguided)."""
+        return None
+
     # ------------------------------------------------------------------------------------------------ hooks
     @abc.abstractmethod
     def _per_sample_signal(self, rewards: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -332,8 +171,8 @@ class MaskedDiffusionTrainer(GRPOTrainer, metaclass=abc.ABCMeta):
         return {}
 
     def _guidance(self, mode: str):
-        """The `RewardGuidance` of rollouts in `mode`, or None for unguided sampling."""
-        return None
+        """The `RewardGuidance` of rollouts in `mode`: training rollouts only (evaluation is unguided)."""
+        return self.guidance if mode == "train" else None
 
     def _likelihood_estimator(self) -> str:
         return "one_step"
@@ -341,15 +180,17 @@ class MaskedDiffusionTrainer(GRPOTrainer, metaclass=abc.ABCMeta):
     # ------------------------------------------------------------------------------------------------ rollout
     def _rollout(self, prompts: list, trainer=None) -> dict:
         """TRL's rollout seam: this process's prompts (K consecutive copies each) -> unpadded ids per row, and
-        the prompts as the dLLM saw them (`prompts_seen`: cut to `sampler.max_prompt_length`)."""
+        the prompts as the dLLM saw them (`prompts_seen`: cut to `max_prompt_length`)."""
         mode = "train" if self.model.training else "eval"
         guidance = self._guidance(mode)
-        with unwrap_model_for_generation(
-            self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation
-        ) as policy:
-            sampler = DiffusionSampler(policy, self.processing_class, self.family, self.sampler_config, guidance)
-            with self.accelerator.autocast():
-                sample = sampler.generate(prompts)  # eval mode inside, mode restored
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=_CHECKPOINTING_DEPRECATION, category=FutureWarning)
+            with unwrap_model_for_generation(
+                self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation
+            ) as policy:
+                sampler = DiffusionSampler(policy, self.processing_class, self.family, self.sampler_config, guidance)
+                with self.accelerator.autocast():
+                    sample = sampler.generate(prompts)  # eval mode inside, mode restored
         metrics = {"guidance/sampler_seconds": sample.stats.seconds}
         if guidance is not None:
             stats = sample.stats.guidance.as_metrics()
@@ -382,7 +223,7 @@ class MaskedDiffusionTrainer(GRPOTrainer, metaclass=abc.ABCMeta):
         batch[self._signal_key] = signal[rank * rows : (rank + 1) * rows]
         batch["num_items_in_batch"] = self.accelerator.gather(batch["completion_mask"].sum()).sum()
         batch.update(draw_noise(
-            batch["prompt_mask"], self.sampler_config.completion_length, self.args.p_mask_prompt,
+            batch["prompt_mask"], self.args.max_completion_length, self.args.p_mask_prompt,
             self._likelihood_estimator(), iterations=self.num_iterations if mode == "train" else 1,
         ))
         batch.update(self._behaviour_log_probs(batch, mode))
@@ -417,9 +258,6 @@ class MaskedDiffusionTrainer(GRPOTrainer, metaclass=abc.ABCMeta):
     def _token_weights(self, inputs: dict, iteration: int) -> torch.Tensor:
         return token_weights(inputs["completion_mask"], inputs["completion_noise"][:, iteration],
                              inputs["mask_rate"][:, iteration])
-
-    def _accumulation_steps(self) -> int:
-        return self.current_gradient_accumulation_steps if self.model.training else 1
 
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
         raise RuntimeError(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rgrl.trainers.base import MaskedDiffusionConfig
+from rgrl.trainers.config import MaskedDiffusionConfig
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 

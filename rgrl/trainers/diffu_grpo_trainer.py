@@ -2,7 +2,9 @@
 
 Advantages are rewards minus the group mean (std scaling only if asked for). For each rollout, μ = num_iterations
 prompt masks are drawn and stored in the batch; inner iteration j scores the old policy (when needed), the
-reference (base model, adapter disabled) and the current policy all with mask j. Rollouts are unguided.
+reference (base model, adapter disabled) and the current policy all with mask j. Rollouts are unguided. The loss
+is TRL's (PPO-clipped surrogate, k3 KL, `loss_type` normalisation), fed the diffusion log-probs through TRL's
+log-prob seam.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from trl.trainer.utils import nanstd
 
 from rgrl.trainers.base import MaskedDiffusionTrainer
 from rgrl.trainers.diffu_grpo_config import DiffuGRPOConfig
-from rgrl.trainers.likelihood import sequence_log_likelihood
+from rgrl.trainers.likelihood import completion_log_probs, sequence_log_likelihood
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "none") -> torch.Tensor:
@@ -32,23 +34,6 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale: str = "none"
     return advantages.view(-1).nan_to_num(nan=0.0)
 
 
-def clipped_surrogate(log_probs, old_log_probs, advantages, epsilon_low: float, epsilon_high: float):
-    """PPO's per-token loss −min(ρA, clip(ρ, 1−ε_low, 1+ε_high)A) with ρ = exp(logp − logp_old).
-
-    [B, C] log-probs, [B] advantages -> ([B, C] loss, [B, C] ratio ρ).
-    """
-    ratio = torch.exp(log_probs - old_log_probs)
-    advantages = advantages.unsqueeze(1)
-    clipped = ratio.clamp(1 - epsilon_low, 1 + epsilon_high)
-    return -torch.min(ratio * advantages, clipped * advantages), ratio
-
-
-def k3_kl(log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
-    """Per-token KL(π‖π_ref) estimate exp(d) − d − 1 with d = logp_ref − logp (≥ 0, zero when equal)."""
-    delta = ref_log_probs - log_probs
-    return torch.exp(delta) - delta - 1
-
-
 class DiffuGRPOTrainer(MaskedDiffusionTrainer):
     """diffu-GRPO on TRL's GRPO loop; arguments as `MaskedDiffusionTrainer`."""
 
@@ -64,10 +49,8 @@ class DiffuGRPOTrainer(MaskedDiffusionTrainer):
         "    eprint  = {arXiv:2504.12216},\n}",
     }
 
-    def __init__(self, model, reward_funcs, args: DiffuGRPOConfig, **kwargs):
-        if not isinstance(args, DiffuGRPOConfig):
-            raise TypeError(f"DiffuGRPOTrainer needs a DiffuGRPOConfig, got {type(args).__name__}.")
-        super().__init__(model, reward_funcs, args, **kwargs)
+    _config_class = DiffuGRPOConfig
+    _scoring = None  # (batch, inner iteration) while `_compute_loss` scores it
 
     def _per_sample_signal(self, rewards: torch.Tensor, group_size: int) -> torch.Tensor:
         return group_advantages(rewards, group_size, self.args.scale_rewards)
@@ -107,49 +90,29 @@ class DiffuGRPOTrainer(MaskedDiffusionTrainer):
         return (self._step // self.args.steps_per_generation) % self.num_iterations
 
     def _compute_loss(self, model, inputs: dict) -> torch.Tensor:
-        mode = "train" if self.model.training else "eval"
+        """TRL's GRPO loss -- clipped surrogate, k3 KL, `loss_type` normalisation and their metrics -- on the
+        diffusion log-probs of inner iteration j: the old and reference log-probs of mask j from the batch, the
+        current ones through `_get_per_token_logps_and_entropies` with the same mask."""
         j = self._iteration()
-        mask = self._token_weights(inputs, j)
-        log_probs = self._log_probs(model, inputs, j)
-        old = inputs["old_per_token_logps"][:, j] if "old_per_token_logps" in inputs else log_probs.detach()
-        per_token, ratio = clipped_surrogate(log_probs, old, inputs["advantages"], self.epsilon_low,
-                                             self.epsilon_high)
-        metrics = {}
-        if self.beta != 0.0:
-            kl = k3_kl(log_probs, inputs["ref_per_token_logps"][:, j])
-            per_token = per_token + self.beta * (kl * ratio if self.args.use_bias_correction_kl else kl)
-            metrics["kl"] = self._masked_world_mean(kl, mask)
-        loss = self._aggregate(per_token, mask, inputs)
+        scored = {**inputs, **{key: inputs[key][:, j] for key in ("old_per_token_logps", "ref_per_token_logps")
+                               if key in inputs}}
+        self._scoring = (inputs, j)
+        try:
+            return super()._compute_loss(model, scored)
+        finally:
+            self._scoring = None
 
-        advantages = inputs["advantages"].unsqueeze(1)
-        low = (ratio < 1 - self.epsilon_low) & (advantages < 0)
-        high = (ratio > 1 + self.epsilon_high) & (advantages > 0)
-        metrics["clip_ratio/low_mean"] = self._masked_world_mean(low.float(), mask)
-        metrics["clip_ratio/high_mean"] = self._masked_world_mean(high.float(), mask)
-        metrics["clip_ratio/region_mean"] = self._masked_world_mean((low | high).float(), mask)
-        loglik = sequence_log_likelihood(log_probs.detach(), mask, inputs["completion_mask"])
-        metrics["learner/loglik"] = self.accelerator.gather(loglik).mean().item()
-        for name, value in metrics.items():
-            self._metrics[mode][name].append(value)
-        return loss
-
-    def _aggregate(self, per_token: torch.Tensor, mask: torch.Tensor, inputs: dict) -> torch.Tensor:
-        """TRL's loss normalisations (per loss_type) of the [B, C] per-token loss, scaled for accumulation."""
-        accumulation = self._accumulation_steps()
-        total = (per_token * mask).sum()
-        if self.loss_type == "grpo":
-            return ((per_token * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean() / accumulation
-        if self.loss_type == "bnpo":
-            return total / mask.sum().clamp(min=1) / accumulation
-        if self.loss_type == "dr_grpo":
-            return total / (per_token.shape[0] * self.max_completion_length) / accumulation
-        # dapo: tokens of the whole generation batch, rescaled to one accumulation window of this process
-        tokens = inputs["num_items_in_batch"].clamp(min=1) / self.accelerator.num_processes
-        if self.model.training:
-            tokens = tokens * accumulation / self.args.steps_per_generation
-        return total / tokens
-
-    def _masked_world_mean(self, values: torch.Tensor, mask: torch.Tensor) -> float:
-        totals = torch.stack([(values.detach() * mask).sum(), mask.sum()])
-        totals = self.accelerator.reduce(totals, reduction="sum")
-        return (totals[0] / totals[1].clamp(min=1)).item()
+    def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
+                                           compute_entropy=False, **kwargs):
+        """TRL's log-prob seam, answered for the batch `_compute_loss` is scoring: [B, C] log-probs and entropies of
+        the completions under `model` with that iteration's noise draw (never TRL's causal path)."""
+        if self._scoring is None:
+            return super()._get_per_token_logps_and_entropies(model, input_ids, attention_mask, logits_to_keep)
+        inputs, j = self._scoring
+        log_probs, entropy = completion_log_probs(
+            model, self.family, inputs["prompt_ids"], inputs["prompt_mask"], inputs["completion_ids"],
+            inputs["prompt_noise"][:, j], inputs["completion_noise"][:, j], with_entropy=True)
+        loglik = sequence_log_likelihood(log_probs.detach(), self._token_weights(inputs, j), inputs["completion_mask"])
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["learner/loglik"].append(self.accelerator.gather(loglik).mean().item())
+        return log_probs, entropy if compute_entropy else None, None

@@ -16,16 +16,15 @@ forward that must see the same mask (old, reference and current log-probs in dif
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 
 from rgrl.models.family import DiffusionFamily
 
-ESTIMATORS = ("one_step", "elbo")
-MIN_MASK_RATE = 1e-3  # t ~ U(MIN_MASK_RATE, 1): keeps the 1/t weights finite
-
 Estimator = Literal["one_step", "elbo"]
+ESTIMATORS = get_args(Estimator)
+MIN_MASK_RATE = 1e-3  # t ~ U(MIN_MASK_RATE, 1): keeps the 1/t weights finite
 
 
 def draw_noise(
@@ -71,7 +70,8 @@ def completion_log_probs(
     completion_ids: torch.Tensor,
     prompt_noise: torch.Tensor,
     completion_noise: torch.Tensor,
-) -> torch.Tensor:
+    with_entropy: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log p(y_t | noised canvas) at each completion position, from one forward.
 
     Args:
@@ -80,7 +80,7 @@ def completion_log_probs(
         prompt_noise: [B, P] bool; completion_noise: [B, L] bool (one draw of `draw_noise`).
     Returns:
         [B, C] float32. Values at padding and (for the ELBO) unmasked positions are meaningless; weigh them
-        with `token_weights`.
+        with `token_weights`. With `with_entropy`, also the entropy [B, C] of each position's distribution (no grad).
     """
     batch = prompt_ids.shape[0]
     canvas_length, length = completion_noise.shape[1], completion_ids.shape[1]
@@ -93,7 +93,12 @@ def completion_log_probs(
     input_ids = torch.cat([noised_prompt, canvas], dim=1)
     attention_mask = torch.cat([prompt_mask.bool(), torch.ones_like(canvas, dtype=torch.bool)], dim=1)
     logits = family.completion_logits(model, input_ids, attention_mask, canvas_length)[:, :length].float()
-    return logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
+    log_probs = logits.gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(dim=-1)
+    if not with_entropy:
+        return log_probs
+    with torch.no_grad():
+        entropy = torch.distributions.Categorical(logits=logits).entropy()
+    return log_probs, entropy
 
 
 def token_weights(completion_mask: torch.Tensor, completion_noise: torch.Tensor, mask_rate: torch.Tensor):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from rgrl.trainers.base import MaskedDiffusionConfig
+from rgrl.guidance import GUIDANCE_METHODS, GuidanceConfig
+from rgrl.rewards.bridge import BRIDGE_FALLBACKS
+from rgrl.trainers.config import MaskedDiffusionConfig
 from rgrl.trainers.likelihood import ESTIMATORS
 
 SAMPLE_WEIGHTINGS = ("uniform", "softmax", "best_of_k")
@@ -16,6 +18,12 @@ class RGRLConfig(MaskedDiffusionConfig):
     """`GRPOConfig` for RGRL: maximise the likelihood of reward-guided completions of the current policy.
 
     Parameters (beyond `MaskedDiffusionConfig`'s):
+        guidance_method: the estimator guiding training rollouts (entrgi, aps, expectation), or none (unguided online
+            SFT). guidance_steps (M), guidance_lr (η), guidance_measure_gain, guidance_chunk_rows and
+            guidance_compile are the rest of `rgrl.guidance.GuidanceConfig` (`guidance_config()` builds it).
+        guidance_model: the reward model guidance differentiates (path, Hub id or rgrl name such as "toy:rm"). Default:
+            the reward model among the trainer's `reward_funcs` (its loaded copy is shared). bridge_fallback and
+            bridge_split configure the vocabulary bridge from the dLLM to it.
         sample_weighting: how the K completions of a prompt are weighted in the loss: "uniform" (the paper's
             online SFT), "softmax" (K·softmax(r/β) over the group) or "best_of_k" (all weight on the best).
         sample_weighting_beta: β of the softmax weighting.
@@ -31,6 +39,24 @@ class RGRLConfig(MaskedDiffusionConfig):
     (`loss_type`, `epsilon`, `epsilon_high`, `scale_rewards`, `use_bias_correction_kl`) must stay unset.
     """
 
+    guidance_method: str = field(default="entrgi", metadata={
+        "help": f"Estimator guiding training rollouts: {' | '.join(GUIDANCE_METHODS)} (none: unguided)."})
+    guidance_steps: int = field(default=1, metadata={"help": "M: Adam steps on the logits per denoising step."})
+    guidance_lr: float = field(default=0.5, metadata={"help": "η: learning rate of those Adam steps."})
+    guidance_measure_gain: bool = field(default=False, metadata={
+        "help": "Log guidance/reward_gain (one extra reward-model forward per denoising step)."})
+    guidance_chunk_rows: int = field(default=512, metadata={
+        "help": "Rows of the logits processed together in guidance's vocabulary-wide operations."})
+    guidance_compile: bool = field(default=False, metadata={
+        "help": "Fuse guidance's vocabulary-wide chains with torch.compile (compiled once per process; needs a C++ "
+                "compiler on CPU, Triton on CUDA)."})
+    guidance_model: str | None = field(default=None, metadata={
+        "help": "Reward model guiding rollouts (path, Hub id, tiny:/toy: name); default: the reward model among "
+                "reward_funcs."})
+    bridge_fallback: str = field(default="eos", metadata={
+        "help": f"Embedding of dLLM tokens the guidance model's vocabulary lacks: {' | '.join(BRIDGE_FALLBACKS)}."})
+    bridge_split: bool = field(default=True, metadata={
+        "help": "A dLLM token the guidance model writes as several tokens maps to the mean of their embeddings."})
     p_mask_prompt: float = field(default=0.3, metadata={"help": "Probability of masking each prompt token."})
     sample_weighting: str = field(
         default="uniform", metadata={"help": "uniform, softmax or best_of_k weighting of the K completions."}
@@ -45,6 +71,12 @@ class RGRLConfig(MaskedDiffusionConfig):
 
     def __post_init__(self):
         super().__post_init__()
+        self.guidance_config()  # validates the guidance fields
+        if not self.guided and self.guidance_model is not None:
+            raise ValueError(f"guidance_model={self.guidance_model!r} is set but guidance_method is 'none' (unguided "
+                             "rollouts): remove it, or choose a guidance method.")
+        if self.bridge_fallback not in BRIDGE_FALLBACKS:
+            raise ValueError(f"bridge_fallback must be one of {BRIDGE_FALLBACKS}, got {self.bridge_fallback!r}.")
         if self.sample_weighting not in SAMPLE_WEIGHTINGS:
             raise ValueError(f"sample_weighting must be one of {SAMPLE_WEIGHTINGS}, got {self.sample_weighting!r}.")
         if self.sample_weighting_beta <= 0:
@@ -64,3 +96,13 @@ class RGRLConfig(MaskedDiffusionConfig):
                     f"RGRL does not use `{name}` (no advantages, ratio or KL); remove it. For a weighting of the "
                     "K completions by reward, set sample_weighting."
                 )
+
+    @property
+    def guided(self) -> bool:
+        return self.guidance_method != "none"
+
+    def guidance_config(self) -> GuidanceConfig:
+        """The guidance settings of training rollouts as `rgrl.guidance.GuidanceConfig` (which validates them)."""
+        return GuidanceConfig(method=self.guidance_method, steps=self.guidance_steps, lr=self.guidance_lr,
+                              measure_gain=self.guidance_measure_gain, chunk_rows=self.guidance_chunk_rows,
+                              compile=self.guidance_compile)

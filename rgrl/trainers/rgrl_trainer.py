@@ -14,11 +14,19 @@ scale (docs/design.md ยง8.7). Evaluation rollouts are unguided (docs/design.md ย
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
+from rgrl.guidance import RewardGuidance
+from rgrl.models.loading import num_logit_rows
+from rgrl.rewards import RewardModelConfig, RewardModelFunction, VocabBridge
 from rgrl.trainers.base import MaskedDiffusionTrainer
+from rgrl.trainers.inputs import load_reward_model, weights_dtype
 from rgrl.trainers.likelihood import sequence_log_likelihood
 from rgrl.trainers.rgrl_config import RGRLConfig
+
+logger = logging.getLogger(__name__)
 
 
 def sample_weights(rewards: torch.Tensor, group_size: int, weighting: str, beta: float = 1.0) -> torch.Tensor:
@@ -40,11 +48,10 @@ def sample_weights(rewards: torch.Tensor, group_size: int, weighting: str, beta:
 
 
 class RGRLTrainer(MaskedDiffusionTrainer):
-    """RGRL on TRL's GRPO loop. Arguments as `MaskedDiffusionTrainer`, plus:
+    """RGRL on TRL's GRPO loop, called as `GRPOTrainer` (arguments as `MaskedDiffusionTrainer`).
 
-    Args:
-        guidance: the `rgrl.guidance.RewardGuidance` of training rollouts (its reward model stays replicated on
-            every process and is never handed to TRL), or None for unguided online SFT.
+    Training rollouts are guided by `args.guidance_method` with the reward model `args.guidance_model`, by default
+    the reward model among `reward_funcs` (one copy, shared); `guidance_method="none"` trains on unguided rollouts.
     """
 
     _name = "RGRL"
@@ -61,14 +68,37 @@ class RGRLTrainer(MaskedDiffusionTrainer):
     }
     _signal_key = "sample_weights"
 
-    def __init__(self, model, reward_funcs, args: RGRLConfig, *, guidance=None, **kwargs):
-        if not isinstance(args, RGRLConfig):
-            raise TypeError(f"RGRLTrainer needs an RGRLConfig, got {type(args).__name__}.")
-        self.guidance = guidance
-        super().__init__(model, reward_funcs, args, **kwargs)
+    _config_class = RGRLConfig
 
-    def _guidance(self, mode: str):
-        return self.guidance if mode == "train" else None
+    def _build_guidance(self, args: RGRLConfig, reward_funcs: list, tokenizer, model) -> RewardGuidance | None:
+        if not args.guided:
+            return None
+        reward_model = self._guidance_reward_model(args, reward_funcs)
+        bridge = VocabBridge(tokenizer, reward_model.tokenizer, num_rows=num_logit_rows(model),
+                             fallback=args.bridge_fallback, split=args.bridge_split)
+        logger.info(f"Vocabulary bridge to the guidance reward model: {bridge.summary()}")
+        return RewardGuidance(args.guidance_config(), reward_model, bridge, self.family.stop_token_ids)
+
+    @staticmethod
+    def _guidance_reward_model(args: RGRLConfig, reward_funcs: list):
+        """`args.guidance_model` (the copy a reward function loaded from the same name, if any), else the one reward
+        model among the reward functions."""
+        scorers = [f for f in reward_funcs if isinstance(f, RewardModelFunction)]
+        if args.guidance_model is not None:
+            shared = next((f.reward_model for f in scorers if f.path == args.guidance_model), None)
+            config = RewardModelConfig(path=args.guidance_model, dtype=weights_dtype(args),
+                                       trust_remote_code=args.trust_remote_code)
+            return shared or load_reward_model(config, args)
+        models = list({id(f.reward_model): f for f in scorers}.values())
+        if len(models) == 1:
+            return models[0].reward_model
+        if not models:
+            raise ValueError(
+                f"RGRL guides its training rollouts (guidance_method={args.guidance_method!r}) with a reward model, "
+                "but reward_funcs holds none: add one (a name such as 'toy:rm', or an rgrl.rewards.RewardModelFunction)"
+                " or set guidance_model; guidance_method='none' trains on unguided rollouts.")
+        raise ValueError(f"reward_funcs holds {len(models)} reward models ({', '.join(f.__name__ for f in models)}): "
+                         "set guidance_model to the one that guides the rollouts.")
 
     def _likelihood_estimator(self) -> str:
         return self.args.likelihood_estimator
@@ -86,4 +116,4 @@ class RGRLTrainer(MaskedDiffusionTrainer):
             normalizer = len(loglik)
         loss = -(inputs["sample_weights"] * loglik).sum() / normalizer
         self._log_world_means(mode, {"learner/loglik": loglik.detach().mean().item()})
-        return loss / self._accumulation_steps()
+        return loss / (self.current_gradient_accumulation_steps if mode == "train" else 1)
