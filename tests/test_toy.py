@@ -17,6 +17,7 @@ from rgrl.rewards import RewardModel, VocabBridge, import_function
 from rgrl.sampling import DiffusionSampler
 from rgrl.toy import build, world
 from rgrl.toy.__main__ import main as toy_main
+from rgrl.trainers.likelihood import draw_noise
 
 ANIMALS_LAMP = world.Instruction("animals", "lamp")
 
@@ -179,10 +180,10 @@ def test_diffusion_loss_matches_a_naive_computation(name):
     loss = build.dllm_loss(model, family, corpus.prompt_ids, corpus.prompt_mask, corpus.response_ids,
                            causal=False, generator=generator)
     # replay the draws, then score each row alone, position by position
-    generator = torch.Generator().manual_seed(7)
     batch, length = corpus.response_ids.shape
-    t = 1e-3 + (1 - 1e-3) * torch.rand(batch, 1, generator=generator)
-    masked = torch.rand(batch, length, generator=generator) < t
+    noise = draw_noise(corpus.prompt_mask, length, 0.0, "elbo", generator=torch.Generator().manual_seed(7))
+    t, masked = noise["mask_rate"], noise["completion_noise"][:, 0]
+    assert not noise["prompt_noise"].any() and ((t > 1e-3) & (t <= 1)).all()
     total = 0.0
     for b in range(batch):
         prompt = corpus.prompt_ids[b][corpus.prompt_mask[b]]  # no padding at all

@@ -1,12 +1,15 @@
-"""`python -m rgrl.toy build [--out DIR] [--quick]`: build the toy world's checkpoints (see rgrl.toy.build)."""
+"""`python -m rgrl.toy build [--out DIR] [--quick]`: build the toy world's checkpoints (see rgrl.toy.build);
+`python -m rgrl.toy tiny OUT_DIR [--only NAME…]`: write the tiny random checkpoints (see rgrl.toy.tiny)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+from pathlib import Path
 
 from rgrl.toy.build import DEFAULT_OUT, GUIDED_EVALS, build
+from rgrl.toy.tiny import TINY_CHECKPOINTS, build_tiny_checkpoint
 
 
 def summary(report: dict) -> str:
@@ -36,7 +39,14 @@ def main(argv: list[str] | None = None) -> None:
                               help=f"output directory (default: the shipped checkpoints, {DEFAULT_OUT})")
     build_parser.add_argument("--quick", action="store_true",
                               help="a reduced world in seconds, for smoke tests (its numbers mean nothing)")
+    tiny_parser = commands.add_parser("tiny", help="write the tiny random checkpoints (what tiny:<name> builds)")
+    tiny_parser.add_argument("out_dir", help="directory that receives one sub-directory per checkpoint")
+    tiny_parser.add_argument("--only", choices=TINY_CHECKPOINTS, nargs="*", default=list(TINY_CHECKPOINTS))
     args = parser.parse_args(argv)
+    if args.command == "tiny":
+        for name in args.only:
+            print(f"{name}: {build_tiny_checkpoint(name, Path(args.out_dir) / name)}")
+        return
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     report = build(args.out, quick=args.quick)
     print(summary(report))

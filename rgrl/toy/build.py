@@ -49,14 +49,15 @@ import rgrl.models  # noqa: F401  (registers the native Dream and LLaDA classes)
 from rgrl.guidance import GuidanceConfig, RewardGuidance
 from rgrl.models.family import LLAMA3_CHAT_TEMPLATE, QWEN_CHAT_TEMPLATE, DiffusionFamily, resolve_family
 from rgrl.models.loading import architecture_config
-from rgrl.models.tiny import RM_CHAT_TEMPLATE, padded_rows, train_byte_level_bpe, wrap_tokenizer
 from rgrl.rewards import RewardModel, RewardTemplate, VocabBridge
 from rgrl.sampling import DiffusionSampler, SamplerConfig
-from rgrl.toy import world
+from rgrl.toy import SHIPPED_CHECKPOINTS, world
+from rgrl.toy.tiny import RM_CHAT_TEMPLATE, padded_rows, train_byte_level_bpe, wrap_tokenizer
+from rgrl.trainers.likelihood import completion_log_probs, draw_noise, sequence_log_likelihood, token_weights
 
 logger = logging.getLogger("rgrl.toy")
 
-DEFAULT_OUT = Path(__file__).parent / "checkpoints"
+DEFAULT_OUT = SHIPPED_CHECKPOINTS
 CHECKPOINTS = ("dream", "llada", "rm", "rm_llada")
 PROMPTS_FILE = "prompts.jsonl"
 REPORT_FILE = "build_report.json"
@@ -304,14 +305,15 @@ def _causal_mask(prompt_mask: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def dllm_loss(model, family: DiffusionFamily, prompt_ids, prompt_mask, response_ids, causal: bool,
-              generator: torch.Generator, eps: float = 1e-3) -> torch.Tensor:
+              generator: torch.Generator) -> torch.Tensor:
     """Loss of one batch on the response tokens ([B, P] prompts, [B, R] responses).
 
     causal: next-token cross-entropy under a causal mask, reading the logit at position i as the prediction of
         token i+1 (for both families).
-    otherwise: the masked-diffusion loss. Each row draws t ~ U(eps, 1) and masks each response token with
-        probability t; loss = Σ_rows Σ_masked CE / t, divided by B·R (LLaDA's SFT estimator of the ELBO). The
-        family's alignment reads the logits (Dream shifted, LLaDA not).
+    otherwise: the masked-diffusion ELBO of the learners (`rgrl.trainers.likelihood`, estimator "elbo", prompts
+        never masked): each row draws t ~ U(eps, 1) and masks each response token with probability t;
+        loss = mean over rows of Σ_masked CE / t / R (LLaDA's SFT estimator). The family's alignment reads the
+        logits (Dream shifted, LLaDA not).
     """
     batch, length = response_ids.shape
     start = prompt_ids.shape[1]
@@ -319,14 +321,13 @@ def dllm_loss(model, family: DiffusionFamily, prompt_ids, prompt_mask, response_
         ids = torch.cat([prompt_ids, response_ids], dim=1)
         logits = model(input_ids=ids, attention_mask=_causal_mask(prompt_mask, length)).logits[:, start - 1 : -1]
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), response_ids.reshape(-1))
-    t = eps + (1 - eps) * torch.rand(batch, 1, generator=generator)
-    masked = torch.rand(batch, length, generator=generator) < t
-    noisy = response_ids.masked_fill(masked, family.mask_token_id)
-    ids = torch.cat([prompt_ids, noisy], dim=1)
-    attention_mask = torch.cat([prompt_mask, prompt_mask.new_ones(batch, length)], dim=1)
-    logits = family.aligned_logits(model(input_ids=ids, attention_mask=attention_mask).logits, start=start)
-    ce = F.cross_entropy(logits.transpose(1, 2).float(), response_ids, reduction="none")  # [B, R]
-    return (ce * masked / t).sum() / (batch * length)
+    noise = {key: value[:, 0] for key, value in draw_noise(prompt_mask, length, p_mask_prompt=0.0, estimator="elbo",
+                                                            generator=generator).items()}
+    log_probs = completion_log_probs(model, family, prompt_ids, prompt_mask, response_ids, noise["prompt_noise"],
+                                     noise["completion_noise"])
+    every_token = torch.ones_like(response_ids, dtype=torch.bool)  # EOS padding is a target too
+    weights = token_weights(every_token, noise["completion_noise"], noise["mask_rate"])
+    return -sequence_log_likelihood(log_probs, weights, every_token).mean()
 
 
 def train_dllm(model, tokenizer, family: DiffusionFamily, settings: DLLMTraining, seed: int,
