@@ -36,7 +36,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from rgrl.bench.toy import _fmt, _table, versions
+from rgrl.bench.toy import _table, versions
+from rgrl.toy import SHIPPED_CHECKPOINTS
+from rgrl.toy.build import REPORT_FILE
+from rgrl.toy.world import WorldConfig
 
 METHODS = ("none", "expectation", "aps", "entrgi")  # the steer recipe's methods (Best-of-N at equal compute added)
 TRAINING_VARIANTS = {  # label -> (recipe, overrides)
@@ -93,30 +96,35 @@ def train_unit(world_seed: int, difficulty: str, reward_model: str, label: str, 
     return f"train_s{world_seed}_{difficulty}_{reward_model}_{label}_seed{seed}"
 
 
-TRAINING_CELL_ORDER = (("easy", "standard"), ("hard", "standard"), ("hard", "robust"), ("easy", "robust"),
-                       ("medium", "standard"), ("medium", "robust"))  # the shipped regime, then hard prompts
+TRAINING_CELL_ORDER = (("hard", "standard"), ("easy", "standard"), ("hard", "robust"), ("easy", "robust"),
+                       ("medium", "standard"), ("medium", "robust"))
+# The shipped checkpoints are world seed 0 at the default knobs (easy, low entropy, standard reward model): the full
+# grid reads them instead of building them again (a rebuild now differs in low bits, see rgrl.toy.build).
+SHIPPED_UNITS = {"dllm_s0_easy_low": "dream", "rm_s0_low_standard": "rm"}
 
 
 def plan(grid: Grid) -> list[str]:
     """Every unit of the grid in priority order; `run_grid` starts the first one whose worlds exist
-    (`dependencies`). Per world seed: the shipped regime's world and its runs, then the training cells in
-    `TRAINING_CELL_ORDER` (all seeds of a cell together, so a partial sweep has whole cells), with the entropy
-    knob's worlds and test-time runs after the first two cells; each world just before its first run."""
+    (`dependencies`). Per world seed: the longest builds first (the hard dLLM, the high-entropy world), then the
+    test-time runs at the extremes of the entropy knob, then the training cells in `TRAINING_CELL_ORDER` (hard
+    prompts first; all seeds of a cell together, so a partial sweep has whole cells), then the middle levels."""
     units = []
     for world_seed in grid.world_seeds:
         cells = [cell for cell in TRAINING_CELL_ORDER
                  if cell[0] in grid.difficulty_levels and cell[1] in grid.reward_models]
-        test_time = [[dllm_unit(world_seed, "easy", entropy), rm_unit(world_seed, entropy, "standard"),
-                      steer_unit(world_seed, entropy)] for entropy in grid.entropy_levels]
-        units += test_time[0]
-        for i, (difficulty, reward_model) in enumerate(cells):
+        entropies = [grid.entropy_levels[0], grid.entropy_levels[-1], *grid.entropy_levels[1:-1]]
+        extremes, middle = entropies[:2], entropies[2:]
+        units += [dllm_unit(world_seed, difficulty, "low") for difficulty, _ in cells[:1]]
+        for entropy in extremes:
+            units += [dllm_unit(world_seed, "easy", entropy), rm_unit(world_seed, entropy, "standard"),
+                      steer_unit(world_seed, entropy)]
+        for difficulty, reward_model in cells:
             units += [dllm_unit(world_seed, difficulty, "low"), rm_unit(world_seed, "low", reward_model)]
             units += [train_unit(world_seed, difficulty, reward_model, label, seed)
                       for seed in grid.seeds for label in TRAINING_VARIANTS]
-            if i == 1:
-                units += [unit for units_of_level in test_time[1:] for unit in units_of_level]
-        if len(cells) < 2:
-            units += [unit for units_of_level in test_time[1:] for unit in units_of_level]
+        for entropy in middle:
+            units += [dllm_unit(world_seed, "easy", entropy), rm_unit(world_seed, entropy, "standard"),
+                      steer_unit(world_seed, entropy)]
     return list(dict.fromkeys(units))
 
 
@@ -137,7 +145,10 @@ def run_unit(unit: str, grid: Grid, work: Path) -> None:
     world_seed = int(seed_part[1:])
     result: dict = {"unit": unit}
     started = time.perf_counter()
-    if kind == "dllm":
+    if unit in SHIPPED_UNITS and not grid.quick:
+        result["report"] = json.loads((SHIPPED_CHECKPOINTS / REPORT_FILE).read_text())
+        result["report"]["shipped"] = True
+    elif kind == "dllm":
         difficulty, entropy = rest
         result["report"] = build_world(work / "worlds" / unit, grid, world_seed, difficulty, entropy, "dream")
     elif kind == "rm":
@@ -172,17 +183,22 @@ def build_world(out: Path, grid: Grid, world_seed: int, difficulty: str, entropy
     return json.loads((out / "build_report.json").read_text())
 
 
-def world_paths(work: Path, world_seed: int, difficulty: str, entropy: str, reward_model: str) -> tuple[str, str]:
+def world_paths(work: Path, grid: Grid, world_seed: int, difficulty: str, entropy: str,
+                reward_model: str) -> tuple[str, str]:
     """(dLLM directory, reward-model directory) of a world."""
-    return (str(work / "worlds" / dllm_unit(world_seed, difficulty, entropy) / "dream"),
-            str(work / "worlds" / rm_unit(world_seed, entropy, reward_model) / "rm"))
+    paths = []
+    for unit, name in ((dllm_unit(world_seed, difficulty, entropy), "dream"),
+                       (rm_unit(world_seed, entropy, reward_model), "rm")):
+        shipped = unit in SHIPPED_UNITS and not grid.quick
+        paths.append(str(SHIPPED_CHECKPOINTS / name if shipped else work / "worlds" / unit / name))
+    return paths[0], paths[1]
 
 
 def steer(work: Path, grid: Grid, world_seed: int, entropy: str) -> list[dict]:
     from rgrl import steer as steer_module
     from rgrl.recipe import load_recipe
 
-    dllm, rm = world_paths(work, world_seed, "easy", entropy, "standard")
+    dllm, rm = world_paths(work, grid, world_seed, "easy", entropy, "standard")
     overrides = ["--model.path", dllm, "--reward_model.path", rm, "--seeds", json.dumps(list(grid.seeds)),
                  "--prompts.num_prompts", str(grid.num_prompts), "--methods", f"[{','.join(METHODS)}]",
                  "--output_dir", str(work / "steer" / steer_unit(world_seed, entropy))]
@@ -193,14 +209,15 @@ def train(work: Path, grid: Grid, world_seed: int, difficulty: str, reward_model
           seed: int) -> tuple[list[dict], float]:
     from rgrl.train import load_training_recipe, run
 
-    dllm, rm = world_paths(work, world_seed, difficulty, "low", reward_model)
+    dllm, rm = world_paths(work, grid, world_seed, difficulty, "low", reward_model)
     recipe, overrides = TRAINING_VARIANTS[label]
     rewards = f"[{{model: {rm}, name: rm, dtype: float32}}, {{function: 'rgrl.toy.world:ground_truth', weight: 0.0}}]"
     overrides = [*overrides, "--model.path", dllm, "--rewards", rewards, "--training.seed", str(seed),
                  "--training.output_dir", str(work / "train" / train_unit(world_seed, difficulty, reward_model, label,
                                                                           seed)),
                  "--training.report_to", "none", "--training.max_steps", str(grid.max_steps),
-                 "--training.eval_steps", str(grid.eval_steps), "--training.save_steps", str(grid.max_steps)]
+                 "--training.eval_steps", str(grid.eval_steps), "--training.save_steps", str(grid.max_steps),
+                 "--training.overwrite_output_dir", "true"]  # a unit without a result starts over
     if grid.quick:  # a smaller batch and held-out set, as the toy world's smoke test uses
         overrides += ["--training.per_device_train_batch_size", "8", "--training.per_device_eval_batch_size", "8",
                       "--data.num_eval_prompts", "2"]
@@ -385,8 +402,10 @@ def collect(grid: Grid, work: Path) -> dict:
                 summary.update(pass_rate=entry["base"]["pass_rate"], well_formed=entry["base"]["well_formed"],
                                on_topic=entry["base"]["on_topic"], uses_word=entry["base"]["uses_word"],
                                vocab_rows=entry["vocab_rows"])
-            report["worlds"][unit] = {**summary, "world": result["report"]["config"]["world"],
-                                      "seconds": result["seconds"]}
+            shipped = result["report"].get("shipped", False)  # predates the knobs: the default world
+            world_config = result["report"]["config"].get("world") or asdict(WorldConfig())
+            report["worlds"][unit] = {**summary, "world": world_config, "shipped": shipped,
+                                      "seconds": result["report"]["seconds"] if shipped else result["seconds"]}
     for world_seed in grid.world_seeds:
         for entropy in grid.entropy_levels:
             result = _load(work, steer_unit(world_seed, entropy))
@@ -489,7 +508,8 @@ def write_markdown(report: dict, path: Path) -> None:
               "Unit wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in report["seconds"].items()) + ".", "",
               "## The worlds", "",
               "Each dLLM's sampled pass rate (600 samples, τ = 0.7) and its reward model's pair accuracies.", ""]
-    lines += _table([{"unit": unit, **{k: v for k, v in entry.items() if k != "world"},
+    lines += _table([{"unit": unit + (" (shipped)" if entry["shipped"] else ""),
+                      **{k: v for k, v in entry.items() if k != "world"},
                       "uses_word": entry["world"]["uses_word"] if "pass_rate" in entry else None,
                       "synonyms": entry["world"]["synonyms"]} for unit, entry in report["worlds"].items()],
                     [("unit", "unit"), ("synonyms", "synonyms"), ("corpus uses word", "uses_word"),
