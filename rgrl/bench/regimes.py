@@ -100,7 +100,7 @@ TRAINING_CELL_ORDER = (("hard", "standard"), ("easy", "standard"), ("hard", "rob
                        ("medium", "standard"), ("medium", "robust"))
 # The shipped checkpoints are world seed 0 at the default knobs (easy, low entropy, standard reward model): the full
 # grid reads them instead of building them again (a rebuild now differs in low bits, see rgrl.toy.build).
-SHIPPED_UNITS = {"dllm_s0_easy_low": "dream", "rm_s0_low_standard": "rm"}
+SHIPPED_UNITS = frozenset({"dllm_s0_easy_low", "rm_s0_low_standard"})
 
 
 def plan(grid: Grid) -> list[str]:
@@ -174,7 +174,7 @@ def run_unit(unit: str, grid: Grid, work: Path) -> None:
 
 def build_world(out: Path, grid: Grid, world_seed: int, difficulty: str, entropy: str, checkpoint: str,
                 robust: bool = False) -> dict:
-    from rgrl.toy.__main__ import build_config, main as toy_main
+    from rgrl.toy.__main__ import main as toy_main
 
     argv = ["build", "--out", str(out), "--only", checkpoint, "--seed", str(world_seed), "--difficulty", difficulty,
             "--entropy", entropy, "--threads", "1", "--no-guided-eval", *(["--robust-rm"] * robust),
