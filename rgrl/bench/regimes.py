@@ -232,6 +232,9 @@ def train(work: Path, grid: Grid, world_seed: int, difficulty: str, reward_model
         overrides += ["--guidance_model.path", rm]
     loaded = load_training_recipe(recipe, overrides)
     trainer = run(loaded)
+    if trainer.state.global_step != grid.max_steps:  # stopped early (a SIGTERM checkpoints and exits 0): no result
+        raise SystemExit(f"error: the run stopped at step {trainer.state.global_step} of {grid.max_steps}; "
+                         "rerun the sweep to train this unit again")
     return trainer.state.log_history, step_flops(loaded.recipe, dllm, rm)
 
 
