@@ -53,3 +53,104 @@ def test_training_table_reports_first_last_and_the_best_evaluation_between():
     rising = [{"step": 0, key: 0.4}, {"step": 10, key: 0.6}, {"step": 20, key: 0.9}]
     assert bench._eval_metric(rising, "ground_truth") == "0.400 → 0.900"
     assert bench._eval_metric(history, "rm") == "–"
+
+
+# --- python -m rgrl.bench regimes ----------------------------------------------------------------------------
+
+
+def test_regimes_quick_runs_the_tiny_grid_and_resumes(tmp_path):
+    from rgrl.bench import regimes
+
+    out, work = tmp_path / "out", tmp_path / "work"
+    main(["regimes", "--quick", "--out", str(out), "--work", str(work)])
+    report = json.loads((out / "regimes.json").read_text())
+    grid = regimes.Grid.quick_grid()
+    assert report["missing"] == [] and set(report["worlds"]) == {"dllm_s0_easy_low", "rm_s0_low_standard"}
+    methods = [row["method"] for row in report["test_time"]["s0_low"]]
+    assert methods[0].startswith("unguided") and methods[-1].startswith("BoN equal compute")
+    (cell,) = report["training"].values()
+    assert set(cell) == set(regimes.TRAINING_VARIANTS) and all(row["seeds"] == len(grid.seeds) for row in cell.values())
+    # RGRL's rollouts add guidance's reward-model passes: more FLOPs per step, so an earlier equal-compute step
+    assert cell["RGRL-EntRGi"]["flops_per_step"] > cell["diffu-GRPO"]["flops_per_step"]
+    assert cell["diffu-GRPO"]["equal_compute_step"] == grid.max_steps
+    claims = {claim["claim"] for claim in report["claims"]}
+    assert claims == {"EntRGi > expectation", "EntRGi > APS", "guidance (EntRGi) > BoN at equal compute",
+                      "RGRL-EntRGi > diffu-GRPO", "RGRL-APS > diffu-GRPO", "no reward hacking"}
+    text = (out / "regimes.md").read_text()
+    assert "PARTIAL" not in text and "python -m rgrl.bench regimes --quick" in text
+    assert (out / "regimes_test_time.png").stat().st_size > 0 and (out / "regimes_training.png").stat().st_size > 0
+
+    # finished units are not rerun; a lost result is rerun; --report-only runs nothing and marks the gap
+    results = sorted((work / "results").glob("*.json"))
+    stamps = {path: path.stat().st_mtime_ns for path in results}
+    lost = work / "results" / "train_s0_easy_standard_diffu-GRPO_seed2.json"
+    lost.unlink()
+    main(["regimes", "--quick", "--report-only", "--out", str(out), "--work", str(work)])
+    partial = json.loads((out / "regimes.json").read_text())
+    assert partial["missing"] == ["train_s0_easy_standard_diffu-GRPO_seed2"]
+    assert partial["training"]["s0_easy_standard"]["diffu-GRPO"]["seeds"] == 1
+    assert (out / "regimes.md").read_text().startswith("# Regimes") and "PARTIAL: 1 units" in (out / "regimes.md").read_text()
+    main(["regimes", "--quick", "--out", str(out), "--work", str(work)])
+    assert lost.exists() and all(path.stat().st_mtime_ns == stamp for path, stamp in stamps.items() if path != lost)
+    assert json.loads((out / "regimes.json").read_text())["training"] == report["training"]  # deterministic rerun
+
+
+def test_regimes_plan_starts_every_world_before_its_runs():
+    from rgrl.bench import regimes
+
+    grid = regimes.Grid.full()
+    units = regimes.plan(grid)
+    assert len(units) == len(set(units))
+    position = {unit: i for i, unit in enumerate(units)}
+    runs = [u for u in units if u.startswith(("steer", "train"))]
+    cells = len(grid.difficulty_levels) * len(grid.reward_models)
+    assert len(runs) == len(grid.world_seeds) * (len(grid.entropy_levels)
+                                                 + cells * len(grid.seeds) * len(regimes.TRAINING_VARIANTS))
+    for run in runs:
+        assert all(position[world] < position[run] for world in regimes.dependencies(run)), run
+    worlds = {u for u in units if not u.startswith(("steer", "train"))}
+    assert worlds == {world for run in runs for world in regimes.dependencies(run)}
+    # dLLMs: easy at 3 entropies, medium and hard at low; RMs: standard at 3 entropies, robust at low
+    assert len(worlds) == len(grid.world_seeds) * (5 + 4)
+
+
+def _history(values: dict[int, tuple[float, float]], train_rewards: list[float]) -> list[dict]:
+    history = [{"step": step + 1, "reward": r} for step, r in enumerate(train_rewards)]
+    history += [{"step": step, "eval_reward": rm, "eval_rewards/ground_truth/mean": gt}
+                for step, (gt, rm) in values.items()]
+    return history
+
+
+def test_regimes_training_cell_is_mean_and_sem_over_seeds_at_equal_steps_and_compute():
+    from rgrl.bench import regimes
+
+    diffu = [{"history": _history({0: (0.4, 0.0), 10: (0.5, 0.1), 20: (0.6, 0.2)}, [0.0] * 20), "flops_per_step": 1.0},
+             {"history": _history({0: (0.4, 0.0), 10: (0.7, 0.1), 20: (0.8, 0.3)}, [1.0] * 20), "flops_per_step": 1.0}]
+    # RGRL costs 1.5× per step: diffu-GRPO's 20 steps buy 13.3 of its steps, so its step-10 evaluation
+    rgrl = [{"history": _history({0: (0.4, 0.0), 10: (0.9, 0.5), 20: (0.2, 0.9)}, [2.0] * 20), "flops_per_step": 1.5},
+            {"history": _history({0: (0.4, 0.0), 10: (0.7, 0.4), 20: (0.4, 0.7)}, [3.0] * 20), "flops_per_step": 1.5}]
+    cell = regimes.training_cell({"RGRL-EntRGi": rgrl, "diffu-GRPO": diffu}, max_steps=20)
+    sem = lambda a, b: abs(a - b) / 2  # SEM of two values: stdev / √2 = |a − b| / 2
+    assert cell["RGRL-EntRGi"]["equal_compute_step"] == 10 and cell["diffu-GRPO"]["equal_compute_step"] == 20
+    assert cell["RGRL-EntRGi"]["ground_truth@equal_compute"] == pytest.approx((0.8, sem(0.9, 0.7)))
+    assert cell["RGRL-EntRGi"]["ground_truth@end"] == pytest.approx((0.3, sem(0.2, 0.4)))
+    assert cell["RGRL-EntRGi"]["ground_truth@best"] == pytest.approx((0.8, sem(0.9, 0.7)))
+    assert cell["diffu-GRPO"]["reward@end"] == pytest.approx((0.25, sem(0.2, 0.3)))
+    assert cell["diffu-GRPO"]["training_reward"] == pytest.approx((0.5, 0.5))  # last 10 training rewards per seed
+    verdicts = {c["claim"] + " / " + c["measure"]: c["verdict"]
+                for c in regimes.claims({"test_time": {}, "training": {"cell": cell}})}
+    assert verdicts["RGRL-EntRGi > diffu-GRPO / held-out ground truth at end"].startswith("fails (-0.400")
+    assert verdicts["RGRL-EntRGi > diffu-GRPO / held-out ground truth at equal compute"].startswith("tie (+0.100")
+    assert verdicts["no reward hacking / held-out ground truth, end − best"] == "holds (+0.000)"  # diffu-GRPO's
+    hacked = [c["verdict"] for c in regimes.claims({"test_time": {}, "training": {"cell": cell}})
+              if c["cell"].endswith("RGRL-EntRGi") and c["claim"] == "no reward hacking"]
+    assert hacked == ["hacked (-0.500)"]
+
+
+def test_regimes_compare_needs_a_margin_of_two_standard_errors():
+    from rgrl.bench import regimes
+
+    assert regimes.compare((1.0, 0.1), (0.5, 0.1)).startswith("holds (+0.500 ± 0.141)")
+    assert regimes.compare((0.5, 0.1), (1.0, 0.1)).startswith("fails (-0.500")
+    assert regimes.compare((0.6, 0.1), (0.5, 0.1)).startswith("tie (+0.100")
+    assert regimes.compare((0.6, float("nan")), (0.5, 0.1)) == "– (too few seeds)"

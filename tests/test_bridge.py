@@ -10,7 +10,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoConfig, PreTrainedTokenizerFast
 
 from rgrl.models.loading import load_tokenizer, resolve_checkpoint
-from rgrl.models.tiny import build_tokenizer
+from rgrl.toy.tiny import build_tokenizer
 from rgrl.rewards.bridge import VocabBridge, byte_to_unicode, token_bytes, vocabulary_style
 
 HELD_OUT = (" ocean", " mountain", " robot", " bread")  # missing from the mismatched RM vocabulary

@@ -383,7 +383,7 @@ def read_run(out: Path) -> SimpleNamespace:
 @pytest.fixture(scope="module", autouse=True)
 def tiny_checkpoints():
     """Build the tiny checkpoints once here, not concurrently in the launched processes."""
-    from rgrl.models.tiny import tiny_checkpoint
+    from rgrl.toy.tiny import tiny_checkpoint
 
     for name in ("dream", "rm"):
         tiny_checkpoint(name)

@@ -8,7 +8,7 @@ from peft import LoraConfig, get_peft_model
 
 from rgrl.models.family import FamilyError, resolve_family
 from rgrl.models.loading import DLLMConfig, load_tokenizer
-from rgrl.models.tiny import build_tokenizer
+from rgrl.toy.tiny import build_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -270,7 +270,7 @@ def test_bad_prompt_files_name_the_file_and_line(content, expected, tmp_path, at
 
 
 def test_unknown_model_type_says_how_to_set_the_family(tmp_path, at_repo_root):
-    from rgrl.models.tiny import tiny_checkpoint
+    from rgrl.toy.tiny import tiny_checkpoint
 
     model = tmp_path / "model"
     model.mkdir()
@@ -284,7 +284,7 @@ def test_unknown_model_type_says_how_to_set_the_family(tmp_path, at_repo_root):
 
 
 def test_truncated_model_weights_are_named(tmp_path, at_repo_root):
-    from rgrl.models.tiny import tiny_checkpoint
+    from rgrl.toy.tiny import tiny_checkpoint
 
     model = Path(shutil.copytree(tiny_checkpoint("dream"), tmp_path / "model"))
     weights = model / "model.safetensors"
@@ -482,7 +482,7 @@ def assert_same_adapter(run: Path, reference: Path) -> None:
 
 @pytest.fixture(scope="module")
 def uninterrupted_run(tmp_path_factory):
-    from rgrl.models.tiny import tiny_checkpoint
+    from rgrl.toy.tiny import tiny_checkpoint
 
     for name in ("dream", "rm"):
         tiny_checkpoint(name)  # built once here, not concurrently by the launched processes
@@ -558,7 +558,7 @@ def test_frozen_process_ends_the_job_within_ddp_timeout(tmp_path):
     """SIGSTOP on process 1 (alive, not dead): process 0 gives up after training.ddp_timeout = 10 s with a message
     naming itself and what it waited for; the launcher then ends the job, killing the frozen process after its
     fixed 30 s grace for a failed job (torchrun's)."""
-    from rgrl.models.tiny import tiny_checkpoint
+    from rgrl.toy.tiny import tiny_checkpoint
 
     tiny_checkpoint("dream"), tiny_checkpoint("rm")
     out, log = tmp_path / "out", tmp_path / "run.log"

@@ -8,7 +8,7 @@ from tokenizers import processors
 from transformers import AutoModelForSequenceClassification
 
 from rgrl.models.loading import DLLMConfig, resolve_checkpoint
-from rgrl.models.tiny import build_tokenizer
+from rgrl.toy.tiny import build_tokenizer
 from rgrl.rewards import RewardModel, RewardModelConfig, RewardTemplate, TemplateError
 
 PROMPTS = [

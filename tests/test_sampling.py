@@ -8,7 +8,7 @@ import torch
 
 from rgrl.distributions import nucleus
 from rgrl.models.family import resolve_family
-from rgrl.models.tiny import build_tokenizer
+from rgrl.toy.tiny import build_tokenizer
 from rgrl.sampling import (
     DiffusionSampler,
     SamplerConfig,

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForSequenceClassification, AutoTokenizer
 
-from rgrl.models.tiny import TINY_CHECKPOINTS, build_tiny_checkpoint, main, tiny_checkpoint
+from rgrl.toy.__main__ import main as toy_main
+from rgrl.toy.tiny import TINY_CHECKPOINTS, build_tiny_checkpoint, tiny_checkpoint
 
 
 @pytest.mark.parametrize("name", TINY_CHECKPOINTS)
@@ -52,6 +53,6 @@ def test_reward_models_share_or_mismatch_the_dream_vocabulary():
 
 
 def test_cli_writes_every_checkpoint(tmp_path, capsys):
-    main([str(tmp_path), "--only", "dream", "rm"])
+    toy_main(["tiny", str(tmp_path), "--only", "dream", "rm"])
     assert (tmp_path / "dream" / "model.safetensors").exists() and (tmp_path / "rm" / "config.json").exists()
     assert "dream:" in capsys.readouterr().out

@@ -1,6 +1,7 @@
 """The toy world: the ground-truth checker, the corpus, the tokenizers, the training losses, the --quick build and
 the shipped checkpoints."""
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from rgrl.rewards import RewardModel, VocabBridge, import_function
 from rgrl.sampling import DiffusionSampler
 from rgrl.toy import build, world
 from rgrl.toy.__main__ import main as toy_main
+from rgrl.trainers.likelihood import draw_noise
 
 ANIMALS_LAMP = world.Instruction("animals", "lamp")
 
@@ -90,6 +92,101 @@ def test_corpus_pass_rate_and_no_distractors():
     assert passed == pytest.approx(world.P_ON_TOPIC * world.P_USES_WORD, abs=0.02)
     for prompt, response in examples:  # a pool word in a response is always the prompt's
         assert {w for w in response.split() if w in world.POOL_WORDS} <= {world.parse_instruction(prompt).word}
+
+
+def test_default_knobs_are_the_shipped_world():
+    """The default WorldConfig and pair settings draw exactly the corpus and pairs the shipped checkpoints were
+    trained on (the hash was taken from the code before the knobs existed)."""
+    examples = world.corpus(2000, seed=0)
+    pairs = world.preference_pairs(1000, seed=0, hard_fraction=0.5, label_noise=0.05)
+    digest = hashlib.sha256(json.dumps([examples, pairs]).encode()).hexdigest()
+    assert digest == "3fc5ccb01d0aa7769a7f5d664f4d2f2b9fdbc03c2fb28b535cfd234744722337"
+    config = build.BuildConfig()
+    assert (config.world, config.rm.degenerate_fraction, config.threads) == (world.WorldConfig(), 0.0, 2)
+    assert config.checkpoints == build.CHECKPOINTS
+
+
+@pytest.mark.parametrize("level", list(build.DIFFICULTY))
+def test_difficulty_sets_how_often_the_corpus_uses_the_word(level):
+    config = world.WorldConfig(uses_word=build.DIFFICULTY[level])
+    examples = world.corpus(6000, seed=3, world=config)
+    checks = [world.check(world.parse_instruction(p), r) for p, r in examples]
+    assert all(c.well_formed for c in checks)
+    assert sum(c.uses_word for c in checks) / len(checks) == pytest.approx(config.uses_word, abs=0.015)
+    assert sum(c.passed for c in checks) / len(checks) == pytest.approx(world.P_ON_TOPIC * config.uses_word,
+                                                                         abs=0.015)
+
+
+def test_entropy_knob_spreads_each_slot_over_more_words():
+    for synonyms in range(1, world.MAX_SYNONYMS + 1):
+        config = world.WorldConfig(synonyms=synonyms)
+        examples = world.corpus(4000, seed=1, world=config)
+        slots = [set() for _ in range(11)]
+        for _, response in examples:
+            for slot, word in zip(slots, response.split()):
+                slot.add(word)
+        assert slots[0] == set(config.determiners) and len(config.determiners) == synonyms ** 2
+        assert slots[2] == set(config.verbs) and len(config.verbs) == 6 * synonyms
+        assert set(config.filler_nouns) <= slots[4] and len(config.filler_nouns) == 8 * synonyms
+        assert all(world.check(world.parse_instruction(p), r).well_formed for p, r in examples)
+        # every word of the world is one token of its tokenizer
+        tokenizer = build.build_tokenizer("dream", world_config=config)
+        for _, response in examples[:200]:
+            assert len(tokenizer(response, add_special_tokens=False).input_ids) == len(response.split())
+    with pytest.raises(ValueError, match="synonyms must be"):
+        world.WorldConfig(synonyms=world.MAX_SYNONYMS + 1)
+    with pytest.raises(ValueError, match="uses_word"):
+        world.WorldConfig(uses_word=0.0)
+
+
+def test_the_checker_reads_the_extra_words_but_the_shipped_world_cannot_write_them():
+    instruction = world.Instruction("animals", "lamp")
+    assert world.check(instruction, "one owl meets every lamp and this goat pushes my cup").passed
+    assert not world.check(instruction, "one owl meets every lamp and this pie pushes my cup").on_topic
+    shipped_vocabulary = build.build_tokenizer("dream").get_vocab()
+    extra = {*world.DETERMINERS[1:], *world.EXTRA_VERBS, *world.EXTRA_FILLER_NOUNS,
+             *(n for nouns in world.EXTRA_TOPIC_NOUNS.values() for n in nouns)}
+    assert not extra & {token.removeprefix("Ġ") for token in shipped_vocabulary}
+
+
+def test_degenerate_negatives_are_ill_formed_and_keep_topic_and_word():
+    pairs = world.preference_pairs(3000, seed=2, degenerate_fraction=1.0)
+    for prompt, chosen, rejected in pairs:
+        instruction = world.parse_instruction(prompt)
+        assert world.check(instruction, chosen).passed
+        verdict = world.check(instruction, rejected)
+        assert not verdict.well_formed and not verdict.passed
+    kinds = {"verbless": 0, "repeated": 0, "truncated": 0, "other": 0}
+    for _, chosen, rejected in pairs:
+        words, chosen_words = rejected.split(), chosen.split()
+        if len(words) == 9 and not set(words) & set(world.VERBS):
+            kinds["verbless"] += 1
+        elif len(set(words[1:])) == 1:
+            kinds["repeated"] += 1
+        elif words == chosen_words[: len(words)]:
+            kinds["truncated"] += 1
+        else:
+            kinds["other"] += 1  # shuffled
+    assert min(kinds.values()) > 0.15 * len(pairs)
+    mixed = world.preference_pairs(4000, seed=2, degenerate_fraction=0.3)
+    ill_formed = sum(not world.is_well_formed(r.split()) for _, _, r in mixed) / len(mixed)
+    assert ill_formed == pytest.approx(0.3, abs=0.03)
+
+
+def test_build_options_map_onto_the_config():
+    from rgrl.toy.__main__ import build_config, main as toy_main
+    import argparse
+
+    parser_args = argparse.Namespace(quick=False, seed=7, only=["dream"], threads=1, no_guided_eval=True,
+                                     difficulty="hard", entropy="mid", robust_rm=True)
+    config = build_config(parser_args)
+    assert config.seed == 7 and config.checkpoints == ("dream",) and config.threads == 1 and not config.guided_eval
+    assert config.world == world.WorldConfig(uses_word=build.DIFFICULTY["hard"], synonyms=build.ENTROPY["mid"])
+    assert config.rm.degenerate_fraction == build.ROBUST_RM_DEGENERATE_FRACTION
+    with pytest.raises(ValueError, match="needs its reward model 'rm'"):
+        build.BuildConfig(checkpoints=("dream",))  # guided evaluation on, no reward model
+    with pytest.raises(SystemExit):
+        toy_main(["build", "--difficulty", "impossible"])
 
 
 def test_corpus_and_pairs_are_deterministic():
@@ -179,10 +276,10 @@ def test_diffusion_loss_matches_a_naive_computation(name):
     loss = build.dllm_loss(model, family, corpus.prompt_ids, corpus.prompt_mask, corpus.response_ids,
                            causal=False, generator=generator)
     # replay the draws, then score each row alone, position by position
-    generator = torch.Generator().manual_seed(7)
     batch, length = corpus.response_ids.shape
-    t = 1e-3 + (1 - 1e-3) * torch.rand(batch, 1, generator=generator)
-    masked = torch.rand(batch, length, generator=generator) < t
+    noise = draw_noise(corpus.prompt_mask, length, 0.0, "elbo", generator=torch.Generator().manual_seed(7))
+    t, masked = noise["mask_rate"], noise["completion_noise"][:, 0]
+    assert not noise["prompt_noise"].any() and ((t > 1e-3) & (t <= 1)).all()
     total = 0.0
     for b in range(batch):
         prompt = corpus.prompt_ids[b][corpus.prompt_mask[b]]  # no padding at all
@@ -304,7 +401,13 @@ def test_shipped_world_matches_the_code():
     shipped = (build.DEFAULT_OUT / build.PROMPTS_FILE).read_text().splitlines()
     assert [json.loads(line)["prompt"] for line in shipped] == [i.text for i in world.all_instructions()]
     report = json.loads((build.DEFAULT_OUT / build.REPORT_FILE).read_text())
-    assert report["config"] == json.loads(json.dumps(build.asdict(build.BuildConfig())))
+    # the shipped report predates the knobs; their defaults (world, reward-model negatives, what is built, threads)
+    # are the shipped world (test_default_knobs_are_the_shipped_world)
+    expected = json.loads(json.dumps(build.asdict(build.BuildConfig())))
+    for added in ("world", "checkpoints", "threads"):
+        expected.pop(added)
+    expected["rm"].pop("degenerate_fraction")
+    assert report["config"] == expected
     for name in ("dream", "llada"):
         assert 0.2 <= report["checkpoints"][name]["base"]["pass_rate"] <= 0.6
     for name in ("rm", "rm_llada"):

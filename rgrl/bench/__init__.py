@@ -4,6 +4,8 @@
   speed   one denoising step taken apart — dLLM forward, guidance, sampling — at tiny, toy and full-size shapes,
           against the naive guidance, with the FLOP model of a paper-sized rollout (speed.py)
   cache   the sampler's cache mode (beyond the paper) in the toy world: quality against compute saved (cache.py)
+  regimes when do EntRGi and RGRL win: sweeps over the toy world's difficulty, entropy and reward-model knobs
+          (regimes.py)
 
 Run from the repository root (the toy benchmark reads recipes/; the speed benchmark's oracle lives in tests/).
 """
@@ -13,7 +15,8 @@ from __future__ import annotations
 import importlib
 import sys
 
-BENCHMARKS = {"toy": "rgrl.bench.toy", "speed": "rgrl.bench.speed", "cache": "rgrl.bench.cache"}
+BENCHMARKS = {"toy": "rgrl.bench.toy", "speed": "rgrl.bench.speed", "cache": "rgrl.bench.cache",
+              "regimes": "rgrl.bench.regimes"}
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -176,7 +176,7 @@ def _full_size(device: torch.device, dtype: torch.dtype, layers: int):
 
     from rgrl.models.family import resolve_family
     from rgrl.models.loading import architecture_config
-    from rgrl.models.tiny import build_tokenizer
+    from rgrl.toy.tiny import build_tokenizer
     from rgrl.rewards import RewardModel
 
     torch.manual_seed(0)

@@ -1,10 +1,13 @@
-"""Loading dLLMs and tokenizers from a local directory, a Hub id, or one of rgrl's built-in checkpoints.
+"""Loading dLLMs and tokenizers from a local directory, a Hub id, or a name of a registered checkpoint scheme.
 
 Checkpoint names understood everywhere a model path is accepted:
     /abs/or/relative/dir    a local model directory (must exist)
     org/name                a Hugging Face Hub id (downloaded by transformers, or taken from its cache)
-    tiny:<name>             a tiny offline checkpoint built on first use (see `rgrl.models.tiny`)
-    toy:<name>              a trained checkpoint of the toy world shipped with rgrl (see `rgrl.toy`)
+    <scheme>:<name>         a checkpoint of a scheme registered with `register_checkpoint_scheme`
+
+`import rgrl` registers rgrl's own schemes (in `rgrl.toy`): `tiny:<name>`, a tiny random checkpoint built on
+first use, and `toy:<name>`, a trained checkpoint of the toy world shipped with rgrl. The model layer itself knows
+no scheme, so nothing here imports the packages that build checkpoints.
 """
 
 from __future__ import annotations
@@ -12,10 +15,11 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 from importlib import resources
 from pathlib import Path
+from typing import Literal
 
 import torch
 from transformers import CONFIG_MAPPING, AutoModel, AutoTokenizer, PretrainedConfig, PreTrainedModel
@@ -33,6 +37,29 @@ ARCHITECTURES = {
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_SCHEME = re.compile(r"^[a-z][a-z0-9_]*$")
+
+# scheme -> resolver(name) returning a model directory; filled by `register_checkpoint_scheme`
+CHECKPOINT_SCHEMES: dict[str, Callable[[str], str | os.PathLike]] = {}
+
+
+def register_checkpoint_scheme(scheme: str, resolver: Callable[[str], str | os.PathLike]) -> None:
+    """Make `<scheme>:<name>` a checkpoint name wherever a model path is accepted.
+
+    `resolver(name)` returns the model directory (building it first if it must) or raises FileNotFoundError /
+    ValueError naming the fix. Registering the same resolver again is a no-op (a module imported twice); another
+    resolver for a taken scheme is an error.
+    """
+    if not _SCHEME.match(scheme):
+        raise ValueError(f"Checkpoint scheme {scheme!r} must be lower-case letters, digits and '_' (e.g. 'toy').")
+    registered = CHECKPOINT_SCHEMES.get(scheme)
+    if registered is not None and _qualified_name(registered) != _qualified_name(resolver):
+        raise ValueError(f"Checkpoint scheme {scheme!r}: is already registered to {_qualified_name(registered)}.")
+    CHECKPOINT_SCHEMES[scheme] = resolver
+
+
+def _qualified_name(function) -> str:
+    return f"{function.__module__}.{function.__qualname__}"
 
 
 def architecture_config(name: str, **overrides) -> PretrainedConfig:
@@ -50,23 +77,17 @@ def resolve_checkpoint(path: str | os.PathLike) -> str:
     Raises FileNotFoundError with a clear message for a local path that does not exist.
     """
     path = os.fspath(path)
-    if path.startswith("tiny:"):
-        from rgrl.models.tiny import tiny_checkpoint
-
-        return str(tiny_checkpoint(path.removeprefix("tiny:")))
-    if path.startswith("toy:"):
-        toy_dir = Path(str(resources.files("rgrl.toy").joinpath("checkpoints", path.removeprefix("toy:"))))
-        if not (toy_dir / "config.json").exists():
-            raise FileNotFoundError(
-                f"Toy checkpoint {path!r} not found at {toy_dir}. Build the toy world with `python -m rgrl.toy build`."
-            )
-        return str(toy_dir)
+    scheme, colon, name = path.partition(":")
+    if colon and scheme in CHECKPOINT_SCHEMES:
+        return str(CHECKPOINT_SCHEMES[scheme](name))
     expanded = os.path.expanduser(path)
     if os.path.isdir(expanded):
         return expanded
     if os.path.exists(expanded) or not _HUB_ID.match(path):
+        schemes = ", ".join(f"{s}:<name>" for s in sorted(CHECKPOINT_SCHEMES)) or "none registered"
         raise FileNotFoundError(
-            f"Model path {path!r} is not a model directory (nor a Hub id 'org/name', nor tiny:/toy: name)."
+            f"Model path {path!r} is not a model directory, nor a Hub id 'org/name', nor a name of a registered "
+            f"checkpoint scheme ({schemes})."
         )
     return path
 

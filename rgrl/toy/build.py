@@ -49,15 +49,17 @@ import rgrl.models  # noqa: F401  (registers the native Dream and LLaDA classes)
 from rgrl.guidance import GuidanceConfig, RewardGuidance
 from rgrl.models.family import LLAMA3_CHAT_TEMPLATE, QWEN_CHAT_TEMPLATE, DiffusionFamily, resolve_family
 from rgrl.models.loading import architecture_config
-from rgrl.models.tiny import RM_CHAT_TEMPLATE, padded_rows, train_byte_level_bpe, wrap_tokenizer
 from rgrl.rewards import RewardModel, RewardTemplate, VocabBridge
 from rgrl.sampling import DiffusionSampler, SamplerConfig
-from rgrl.toy import world
+from rgrl.toy import SHIPPED_CHECKPOINTS, world
+from rgrl.toy.tiny import RM_CHAT_TEMPLATE, padded_rows, train_byte_level_bpe, wrap_tokenizer
+from rgrl.trainers.likelihood import completion_log_probs, draw_noise, sequence_log_likelihood, token_weights
 
 logger = logging.getLogger("rgrl.toy")
 
-DEFAULT_OUT = Path(__file__).parent / "checkpoints"
+DEFAULT_OUT = SHIPPED_CHECKPOINTS
 CHECKPOINTS = ("dream", "llada", "rm", "rm_llada")
+FAMILY_RM = {"dream": "rm", "llada": "rm_llada"}  # each dLLM is measured and guided with its reward model
 PROMPTS_FILE = "prompts.jsonl"
 REPORT_FILE = "build_report.json"
 # Words the rm_llada tokenizer never saw whole (a pool word, a topic noun, a filler): the bridge splits them.
@@ -110,9 +112,18 @@ class RMTraining:
     warmup_steps: int = 30
     num_pairs: int = 8000
     hard_fraction: float = 0.5  # near-miss negatives (world.preference_pairs)
+    degenerate_fraction: float = 0.0  # ill-formed negatives (world.degenerate); > 0 makes a robust reward model
     label_noise: float = 0.05
     validation_pairs: int = 500
     eval_pairs: int = 1000  # held-out pairs for the reported accuracy
+
+
+# The knobs' named settings (python -m rgrl.toy build --difficulty/--entropy/--robust-rm). The difficulty levels were
+# set before any build from the sampling model in docs/results/regimes.md (τ = 0.7 sharpening of a learnt corpus
+# rate) to aim at sampled pass rates of about 0.45, 0.15 and 0.05; the measured rates are in each build report.
+DIFFICULTY = {"easy": 0.4, "medium": 0.18, "hard": 0.08}  # world.WorldConfig.uses_word
+ENTROPY = {"low": 1, "mid": 2, "high": 4}  # world.WorldConfig.synonyms
+ROBUST_RM_DEGENERATE_FRACTION = 0.3  # RMTraining.degenerate_fraction of --robust-rm
 
 
 @dataclass
@@ -122,6 +133,17 @@ class BuildConfig:
     seed: int = 0
     eval_samples: int = 600  # sampled completions graded per dLLM (the world's prompts in turn)
     guided_eval: bool = True  # also measure guided pass rates (GUIDED_EVALS, M = 1, η = 0.5)
+    world: world.WorldConfig = field(default_factory=world.WorldConfig)
+    checkpoints: tuple[str, ...] = CHECKPOINTS  # what to build; a guided_eval needs the dLLM's RM (FAMILY_RM)
+    threads: int = 2  # CPU threads; part of the result (summation order). 1 is much faster on a loaded machine
+
+    def __post_init__(self):
+        if not self.checkpoints or not set(self.checkpoints) <= set(CHECKPOINTS):
+            raise ValueError(f"checkpoints must be a non-empty subset of {CHECKPOINTS}, got {self.checkpoints}.")
+        for dllm, rm in FAMILY_RM.items():
+            if self.guided_eval and dllm in self.checkpoints and rm not in self.checkpoints:
+                raise ValueError(f"The guided evaluation of {dllm!r} needs its reward model {rm!r}: build both, or "
+                                 "turn guided_eval off (the dLLM is then measured by the ground truth alone).")
 
     @classmethod
     def quick(cls) -> BuildConfig:
@@ -151,33 +173,37 @@ def _word_level_tokenizer(vocabulary: list[str], specials: list[str], chat_templ
     return wrap_tokenizer(tokenizer, specials, chat_template, unk_token=UNK_TOKEN, **special_tokens)
 
 
-def _lexicon(exclude: tuple[str, ...] = ()) -> str:
-    """One text holding every response word in the forms responses use: "the" first, then " word"."""
-    return "the " + " ".join(sorted({*world.NOUNS, *world.VERBS, "and"} - set(exclude)))
+def _lexicon(world_config: world.WorldConfig, exclude: tuple[str, ...] = ()) -> str:
+    """One text holding every response word in the forms responses use: "the" first, then " word" (the other
+    determiners also start responses: `_world_words` adds those forms)."""
+    words = {*world_config.nouns, *world_config.verbs, *world_config.determiners[1:], "and"}
+    return "the " + " ".join(sorted(words - set(exclude)))
 
 
-def _world_words(make_tokenizer) -> list[str]:
+def _world_words(make_tokenizer, world_config: world.WorldConfig) -> list[str]:
     """Every pre-token of the world's conversations rendered with the tokenizer's chat template (sorted)."""
     tokenizer = make_tokenizer([])
-    lexicon = _lexicon()
+    lexicon = _lexicon(world_config)
     texts = [tokenizer.apply_chat_template([{"role": "user", "content": instruction.text},
                                             {"role": "assistant", "content": lexicon}], tokenize=False)
              for instruction in world.all_instructions()]
     specials = re.compile("|".join(re.escape(t.content) for t in tokenizer.added_tokens_decoder.values()))
     pre_tokenizer = tokenizer.backend_tokenizer.pre_tokenizer
-    return sorted({word for text in texts for piece in specials.split(text)
-                   for word, _ in pre_tokenizer.pre_tokenize_str(piece)})
+    words = {word for text in texts for piece in specials.split(text)
+             for word, _ in pre_tokenizer.pre_tokenize_str(piece)}
+    return sorted(words | set(world_config.determiners[1:]))  # a response's first word has no leading space
 
 
-def build_tokenizer(name: str, seed: int = 0) -> PreTrainedTokenizerFast:
-    """The tokenizer of toy checkpoint `name` ("dream" and "rm" share one)."""
+def build_tokenizer(name: str, seed: int = 0, world_config: world.WorldConfig = world.SHIPPED_WORLD
+                    ) -> PreTrainedTokenizerFast:
+    """The tokenizer of toy checkpoint `name` ("dream" and "rm" share one) for a world (its words)."""
     if name in ("dream", "rm"):
         def make(words):
             return _word_level_tokenizer(
                 words, ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|beginoftext|>", "<|mask|>"],
                 QWEN_CHAT_TEMPLATE, bos_token="<|beginoftext|>", eos_token="<|endoftext|>",
                 pad_token="<|endoftext|>", mask_token="<|mask|>")
-        return make(_world_words(make))
+        return make(_world_words(make, world_config))
     if name == "llada":
         def make(words):
             return _word_level_tokenizer(
@@ -185,13 +211,14 @@ def build_tokenizer(name: str, seed: int = 0) -> PreTrainedTokenizerFast:
                         "<|eot_id|>", "<|mdm_mask|>"],
                 LLAMA3_CHAT_TEMPLATE, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
                 pad_token="<|endoftext|>")
-        words = _world_words(make)
+        words = _world_words(make, world_config)
         random.Random(seed).shuffle(words)  # other ids than Dream's for the same words
         return make(words)
     if name == "rm_llada":
         specials = ["<|pad|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
         prompts = [i.text for i in world.all_instructions() if i.word not in RM_LLADA_HELD_OUT_WORDS]
-        texts = prompts + [_lexicon(exclude=RM_LLADA_HELD_OUT_WORDS), "system user assistant"]
+        texts = prompts + [_lexicon(world_config, exclude=RM_LLADA_HELD_OUT_WORDS), "system user assistant",
+                           *world_config.determiners[1:]]
         # enough merges for every remaining word to be one token
         base = train_byte_level_bpe(texts, vocab_size=2000, leading_specials=specials)
         return wrap_tokenizer(base, [], RM_CHAT_TEMPLATE, eos_token="<|end|>", pad_token="<|pad|>")
@@ -304,14 +331,15 @@ def _causal_mask(prompt_mask: torch.Tensor, length: int) -> torch.Tensor:
 
 
 def dllm_loss(model, family: DiffusionFamily, prompt_ids, prompt_mask, response_ids, causal: bool,
-              generator: torch.Generator, eps: float = 1e-3) -> torch.Tensor:
+              generator: torch.Generator) -> torch.Tensor:
     """Loss of one batch on the response tokens ([B, P] prompts, [B, R] responses).
 
     causal: next-token cross-entropy under a causal mask, reading the logit at position i as the prediction of
         token i+1 (for both families).
-    otherwise: the masked-diffusion loss. Each row draws t ~ U(eps, 1) and masks each response token with
-        probability t; loss = Σ_rows Σ_masked CE / t, divided by B·R (LLaDA's SFT estimator of the ELBO). The
-        family's alignment reads the logits (Dream shifted, LLaDA not).
+    otherwise: the masked-diffusion ELBO of the learners (`rgrl.trainers.likelihood`, estimator "elbo", prompts
+        never masked): each row draws t ~ U(eps, 1) and masks each response token with probability t;
+        loss = mean over rows of Σ_masked CE / t / R (LLaDA's SFT estimator). The family's alignment reads the
+        logits (Dream shifted, LLaDA not).
     """
     batch, length = response_ids.shape
     start = prompt_ids.shape[1]
@@ -319,20 +347,19 @@ def dllm_loss(model, family: DiffusionFamily, prompt_ids, prompt_mask, response_
         ids = torch.cat([prompt_ids, response_ids], dim=1)
         logits = model(input_ids=ids, attention_mask=_causal_mask(prompt_mask, length)).logits[:, start - 1 : -1]
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), response_ids.reshape(-1))
-    t = eps + (1 - eps) * torch.rand(batch, 1, generator=generator)
-    masked = torch.rand(batch, length, generator=generator) < t
-    noisy = response_ids.masked_fill(masked, family.mask_token_id)
-    ids = torch.cat([prompt_ids, noisy], dim=1)
-    attention_mask = torch.cat([prompt_mask, prompt_mask.new_ones(batch, length)], dim=1)
-    logits = family.aligned_logits(model(input_ids=ids, attention_mask=attention_mask).logits, start=start)
-    ce = F.cross_entropy(logits.transpose(1, 2).float(), response_ids, reduction="none")  # [B, R]
-    return (ce * masked / t).sum() / (batch * length)
+    noise = {key: value[:, 0] for key, value in draw_noise(prompt_mask, length, p_mask_prompt=0.0, estimator="elbo",
+                                                            generator=generator).items()}
+    log_probs = completion_log_probs(model, family, prompt_ids, prompt_mask, response_ids, noise["prompt_noise"],
+                                     noise["completion_noise"])
+    every_token = torch.ones_like(response_ids, dtype=torch.bool)  # EOS padding is a target too
+    weights = token_weights(every_token, noise["completion_noise"], noise["mask_rate"])
+    return -sequence_log_likelihood(log_probs, weights, every_token).mean()
 
 
 def train_dllm(model, tokenizer, family: DiffusionFamily, settings: DLLMTraining, seed: int,
-               desc: str = "dLLM") -> list[float]:
+               desc: str = "dLLM", world_config: world.WorldConfig = world.SHIPPED_WORLD) -> list[float]:
     """Train on the base-behaviour corpus: causal warm start, then masked diffusion. Returns the loss curve."""
-    corpus = encode_corpus(world.corpus(settings.corpus_size, seed=seed), tokenizer, family)
+    corpus = encode_corpus(world.corpus(settings.corpus_size, seed=seed, world=world_config), tokenizer, family)
     generator = torch.Generator().manual_seed(seed)
     causal_steps = round(settings.causal_fraction * settings.steps)
 
@@ -363,7 +390,8 @@ class RMTrainingResult:
     validation_accuracy: float
 
 
-def train_reward_model(model, tokenizer, settings: RMTraining, seed: int, desc: str = "RM") -> RMTrainingResult:
+def train_reward_model(model, tokenizer, settings: RMTraining, seed: int, desc: str = "RM",
+                       world_config: world.WorldConfig = world.SHIPPED_WORLD) -> RMTrainingResult:
     """Bradley–Terry on noisy ground-truth preference pairs, loss = −log σ(r(chosen) − r(rejected)), stopped as
     soon as the accuracy on clean validation pairs reaches `settings.target_accuracy`."""
     template = RewardTemplate(tokenizer, pad_token_id=model.config.pad_token_id)
@@ -375,9 +403,12 @@ def train_reward_model(model, tokenizer, settings: RMTraining, seed: int, desc: 
                                    [c for _, c, _ in pairs] + [r for _, _, r in pairs])
 
     ids, mask = encode(world.preference_pairs(settings.num_pairs, seed=seed, hard_fraction=settings.hard_fraction,
-                                              label_noise=settings.label_noise))
+                                              label_noise=settings.label_noise,
+                                              degenerate_fraction=settings.degenerate_fraction, world=world_config))
     val_ids, val_mask = encode(world.preference_pairs(settings.validation_pairs, seed=seed + 1,
-                                                      hard_fraction=settings.hard_fraction))
+                                                      hard_fraction=settings.hard_fraction,
+                                                      degenerate_fraction=settings.degenerate_fraction,
+                                                      world=world_config))
     num_pairs, generator = settings.num_pairs, torch.Generator().manual_seed(seed)
     steps, accuracy = 0, 0.0
 
@@ -405,9 +436,11 @@ def train_reward_model(model, tokenizer, settings: RMTraining, seed: int, desc: 
 # Measurements
 
 
-def pairwise_accuracy(reward_model: RewardModel, num_pairs: int, seed: int) -> float:
-    """Fraction of held-out ground-truth pairs (no label noise) the reward model orders correctly."""
-    pairs = world.preference_pairs(num_pairs, seed=seed)
+def pairwise_accuracy(reward_model: RewardModel, num_pairs: int, seed: int,
+                      world_config: world.WorldConfig = world.SHIPPED_WORLD, degenerate_fraction: float = 0.0) -> float:
+    """Fraction of held-out ground-truth pairs (no label noise) the reward model orders correctly; with
+    `degenerate_fraction` 1, pairs of a passing response and an ill-formed variant of it."""
+    pairs = world.preference_pairs(num_pairs, seed=seed, degenerate_fraction=degenerate_fraction, world=world_config)
     prompts = [p for p, _, _ in pairs]
     chosen = reward_model.score(prompts, [c for _, c, _ in pairs], batch_size=256)
     rejected = reward_model.score(prompts, [r for _, _, r in pairs], batch_size=256)
@@ -424,6 +457,7 @@ class SampleQuality:
     uses_word: float
     reward: float | None = None
     seconds: float = 0.0
+    entropy_weight: float | None = None  # guided: mean EntRGi weight w = H / log V of the proposals
 
 
 def sample_quality(model, tokenizer, family: DiffusionFamily, prompts: list[str], seed: int,
@@ -431,18 +465,21 @@ def sample_quality(model, tokenizer, family: DiffusionFamily, prompts: list[str]
                    batch_size: int = 150, **sampler_overrides) -> SampleQuality:
     """Sample one completion per prompt with `sampler_config()` and grade it (optionally reward-guided)."""
     sampler = DiffusionSampler(model, tokenizer, family, sampler_config(**sampler_overrides), guidance)
-    texts, seconds = [], 0.0
+    texts, seconds, weight_sum, guided_steps = [], 0.0, 0.0, 0
     for start in range(0, len(prompts), batch_size):
         out = sampler.generate(prompts[start : start + batch_size], seed=seed + start)
         texts += out.texts
         seconds += out.stats.seconds
+        weight_sum += out.stats.guidance.entropy_weight_sum
+        guided_steps += out.stats.guidance.steps
     checks = [world.check(world.parse_instruction(p), t) for p, t in zip(prompts, texts)]
     reward = None
     if reward_model is not None:
         reward = reward_model.score(prompts, texts, batch_size=256).mean().item()
     return SampleQuality(pass_rate=fmean(c.passed for c in checks), well_formed=fmean(c.well_formed for c in checks),
                          on_topic=fmean(c.on_topic for c in checks), uses_word=fmean(c.uses_word for c in checks),
-                         reward=reward, seconds=seconds)
+                         reward=reward, seconds=seconds,
+                         entropy_weight=weight_sum / guided_steps if guided_steps else None)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -482,9 +519,12 @@ def write_prompts(path: Path) -> None:
 class _Deterministic:
     """Fixed thread count and deterministic kernels for the duration of a build."""
 
+    def __init__(self, threads: int):
+        self.build_threads = threads
+
     def __enter__(self):
         self.threads, self.deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-        torch.set_num_threads(min(2, os.cpu_count() or 1))
+        torch.set_num_threads(self.build_threads)
         torch.use_deterministic_algorithms(True)
 
     def __exit__(self, *exc):
@@ -493,8 +533,8 @@ class _Deterministic:
 
 
 def build(out_dir: str | os.PathLike = DEFAULT_OUT, quick: bool = False, config: BuildConfig | None = None) -> dict:
-    """Build the toy world into `out_dir` (dream/, llada/, rm/, rm_llada/, prompts.jsonl, build_report.json)
-    and return the report."""
+    """Build the toy world into `out_dir` (`config.checkpoints`, by default all four: dream/, llada/, rm/,
+    rm_llada/; plus prompts.jsonl and build_report.json) and return the report."""
     config = config or (BuildConfig.quick() if quick else BuildConfig())
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -502,38 +542,49 @@ def build(out_dir: str | os.PathLike = DEFAULT_OUT, quick: bool = False, config:
     started = time.perf_counter()
     prompts = [i.text for i in world.all_instructions()]
     eval_prompts = [prompts[i % len(prompts)] for i in range(config.eval_samples)]
-    with _Deterministic(), tempfile.TemporaryDirectory(dir=out_dir, prefix=".build-") as staging:
+    reward_model_names = [name for name in ("rm", "rm_llada") if name in config.checkpoints]
+    with _Deterministic(config.threads), tempfile.TemporaryDirectory(dir=out_dir, prefix=".build-") as staging:
         staging = Path(staging)
         write_prompts(staging / PROMPTS_FILE)
 
         reward_models = {}
-        for name in ("rm", "rm_llada"):
+        for name in reward_model_names:
             t0 = time.perf_counter()
-            tokenizer = build_tokenizer(name, seed=config.seed)
+            tokenizer = build_tokenizer(name, seed=config.seed, world_config=config.world)
             torch.manual_seed(config.seed)
             model = AutoModelForSequenceClassification.from_config(
                 model_config(name, tokenizer, config.dllm, config.rm), dtype=torch.float32)
-            trained = train_reward_model(model, tokenizer, config.rm, seed=config.seed, desc=name)
+            trained = train_reward_model(model, tokenizer, config.rm, seed=config.seed, desc=name,
+                                         world_config=config.world)
             _save(model, tokenizer, staging / name)
             reward_models[name] = RewardModel(model, tokenizer)
-            accuracy = pairwise_accuracy(reward_models[name], config.rm.eval_pairs, seed=config.seed + 1000)
+            accuracy = pairwise_accuracy(reward_models[name], config.rm.eval_pairs, seed=config.seed + 1000,
+                                         world_config=config.world)
+            degenerate_accuracy = pairwise_accuracy(reward_models[name], config.rm.eval_pairs,
+                                                    seed=config.seed + 2000, world_config=config.world,
+                                                    degenerate_fraction=1.0)
             report["checkpoints"][name] = {"parameters": model.num_parameters(), "vocab_rows": padded_rows(tokenizer),
-                                           "heldout_pair_accuracy": accuracy, **asdict(trained),
+                                           "heldout_pair_accuracy": accuracy,
+                                           "degenerate_pair_accuracy": degenerate_accuracy, **asdict(trained),
                                            "seconds": time.perf_counter() - t0}
-            logger.info(f"{name}: held-out pairwise accuracy {accuracy:.3f}")
+            logger.info(f"{name}: held-out pairwise accuracy {accuracy:.3f}, against ill-formed variants "
+                        f"{degenerate_accuracy:.3f}")
 
-        for name, rm_name in (("dream", "rm"), ("llada", "rm_llada")):
+        for name in (dllm for dllm in FAMILY_RM if dllm in config.checkpoints):
+            rm_name = FAMILY_RM[name]
             t0 = time.perf_counter()
-            tokenizer = build_tokenizer(name, seed=config.seed)
+            tokenizer = build_tokenizer(name, seed=config.seed, world_config=config.world)
             torch.manual_seed(config.seed)
             model = AutoModel.from_config(model_config(name, tokenizer, config.dllm, config.rm), dtype=torch.float32)
             family = resolve_family(model.config, tokenizer)
-            curve = train_dllm(model, tokenizer, family, config.dllm, seed=config.seed, desc=name)
+            curve = train_dllm(model, tokenizer, family, config.dllm, seed=config.seed, desc=name,
+                               world_config=config.world)
             _save(model, tokenizer, staging / name)
-            reward_model = reward_models[rm_name]
-            bridge = VocabBridge(tokenizer, reward_model.tokenizer, num_rows=model.config.vocab_size)
-            entry = {"parameters": model.num_parameters(), "vocab_rows": model.config.vocab_size,
-                     "loss_curve": curve, "bridge": bridge.summary()}
+            reward_model = reward_models.get(rm_name)  # None: measured by the ground truth alone
+            entry = {"parameters": model.num_parameters(), "vocab_rows": model.config.vocab_size, "loss_curve": curve}
+            if reward_model is not None:
+                bridge = VocabBridge(tokenizer, reward_model.tokenizer, num_rows=model.config.vocab_size)
+                entry["bridge"] = bridge.summary()
             base = sample_quality(model, tokenizer, family, eval_prompts, seed=config.seed, reward_model=reward_model)
             entry["base"] = asdict(base)
             message = f"{name}: sampled pass rate {base.pass_rate:.3f}"
@@ -551,6 +602,6 @@ def build(out_dir: str | os.PathLike = DEFAULT_OUT, quick: bool = False, config:
         report["seconds"] = time.perf_counter() - started
         report["sampler"] = asdict(sampler_config())
         (staging / REPORT_FILE).write_text(json.dumps(report, indent=2) + "\n")
-        for name in (*CHECKPOINTS, PROMPTS_FILE, REPORT_FILE):
+        for name in (*config.checkpoints, PROMPTS_FILE, REPORT_FILE):
             _publish(staging / name, out_dir / name)
     return report

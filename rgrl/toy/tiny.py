@@ -13,12 +13,12 @@ checkpoint. The dimensions are tiny; every other config field comes from the ful
     rm_mismatched  Qwen3ForSequenceClassification with its own smaller tokenizer: other ids, other template,
                    some words missing or split into pieces (exercises the vocabulary bridge)
 
-`python -m rgrl.models.tiny OUT_DIR` writes all four; `tiny_checkpoint(name)` builds one into a cache once.
+`python -m rgrl.toy tiny OUT_DIR` writes all four; `tiny_checkpoint(name)` builds one into a cache once (the `tiny:`
+scheme of the loader, registered by `rgrl.toy`).
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import shutil
@@ -175,16 +175,3 @@ def tiny_checkpoint(name: str) -> Path:
         shutil.rmtree(staging, ignore_errors=True)
     return target
 
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Build the tiny offline checkpoints of rgrl.")
-    parser.add_argument("out_dir", help="directory that receives one sub-directory per checkpoint")
-    parser.add_argument("--only", choices=TINY_CHECKPOINTS, nargs="*", default=list(TINY_CHECKPOINTS))
-    args = parser.parse_args(argv)
-    for name in args.only:
-        path = build_tiny_checkpoint(name, Path(args.out_dir) / name)
-        print(f"{name}: {path}")
-
-
-if __name__ == "__main__":
-    main()

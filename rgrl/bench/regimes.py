@@ -1,0 +1,615 @@
+"""`python -m rgrl.bench regimes [--quick] [--jobs N] [--out DIR] [--work DIR] [--report-only]`: when do EntRGi and
+RGRL win? Sweeps over the toy world's knobs (`python -m rgrl.toy build --difficulty/--entropy/--robust-rm/--seed`),
+report in docs/results/regimes.md.
+
+The grid is fixed here, before any run (`Grid.full`):
+
+  test time, across the entropy knob (low, mid, high; easy difficulty, standard reward model): unguided sampling,
+      expectation, APS, EntRGi and Best-of-N at equal compute (recipes/steer_toy_dream.yaml, pointed at the world)
+      — Top@1, Avg@N, ground-truth pass rate of the best sample, mean w; mean ± SEM over the steer seeds;
+  training, across the difficulty knob (easy, medium, hard; low entropy) × the reward model (standard, robust):
+      RGRL-EntRGi, RGRL-APS and diffu-GRPO (recipes/toy_dream.yaml, recipes/toy_dream_diffu_grpo.yaml, pointed at
+      the world), each with every training seed — held-out ground-truth pass rate and reward-model score of
+      unguided samples at equal steps and at equal compute (counted FLOPs of the model passes), mean ± SEM over
+      seeds;
+
+and all of it for every world seed (the second world seed checks that the map does not hang on one world).
+
+Every unit of work (a world's dLLM or reward model, a steer run, a training run) is a `python -m rgrl.bench regimes
+--unit …` process whose result is a JSON file under `--work`; finished units are never rerun, so an interrupted sweep
+resumes where it stopped, and `--report-only` writes the report from whatever has finished (cells not yet run are
+listed as such). Units run `--jobs` at a time, in an order that completes whole seeds first. `--quick` shrinks
+everything to a smoke test (reduced worlds, a tiny grid; numbers meaningless), used by CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from rgrl.bench.toy import _table, versions
+from rgrl.toy import SHIPPED_CHECKPOINTS
+from rgrl.toy.build import REPORT_FILE
+from rgrl.toy.world import WorldConfig
+
+METHODS = ("none", "expectation", "aps", "entrgi")  # the steer recipe's methods (Best-of-N at equal compute added)
+TRAINING_VARIANTS = {  # label -> (recipe, overrides)
+    "RGRL-EntRGi": ("recipes/toy_dream.yaml", []),
+    "RGRL-APS": ("recipes/toy_dream.yaml", ["--guidance.method", "aps"]),
+    "diffu-GRPO": ("recipes/toy_dream_diffu_grpo.yaml", []),
+}
+GROUND_TRUTH = "eval_rewards/ground_truth/mean"
+HELD_OUT_REWARD = "eval_reward"
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The sweeps' cells and sizes."""
+
+    world_seeds: tuple[int, ...]
+    entropy_levels: tuple[str, ...]  # test-time sweep (difficulty easy, standard RM)
+    difficulty_levels: tuple[str, ...]  # training sweep (entropy low)
+    reward_models: tuple[str, ...]  # training sweep: "standard", "robust"
+    seeds: tuple[int, ...]  # steer seeds, and training seeds per method per cell
+    num_prompts: int  # steer prompts per seed
+    max_steps: int  # training steps
+    eval_steps: int
+    quick: bool = False
+
+    @classmethod
+    def full(cls) -> Grid:
+        return cls(world_seeds=(0, 1), entropy_levels=("low", "mid", "high"),
+                   difficulty_levels=("easy", "medium", "hard"), reward_models=("standard", "robust"),
+                   seeds=(1, 2, 3), num_prompts=32, max_steps=40, eval_steps=10)
+
+    @classmethod
+    def quick_grid(cls) -> Grid:
+        return cls(world_seeds=(0,), entropy_levels=("low",), difficulty_levels=("easy",),
+                   reward_models=("standard",), seeds=(1, 2), num_prompts=4, max_steps=2, eval_steps=1, quick=True)
+
+
+# ------------------------------------------------------------------------------------------------ units
+def dllm_unit(world_seed: int, difficulty: str, entropy: str) -> str:
+    return f"dllm_s{world_seed}_{difficulty}_{entropy}"
+
+
+def rm_unit(world_seed: int, entropy: str, reward_model: str) -> str:
+    """The reward model depends on the words (entropy) and the negatives, not on the difficulty (the preference
+    pairs never read how often the corpus uses the word), so one serves every difficulty."""
+    return f"rm_s{world_seed}_{entropy}_{reward_model}"
+
+
+def steer_unit(world_seed: int, entropy: str) -> str:
+    return f"steer_s{world_seed}_{entropy}"
+
+
+def train_unit(world_seed: int, difficulty: str, reward_model: str, label: str, seed: int) -> str:
+    return f"train_s{world_seed}_{difficulty}_{reward_model}_{label}_seed{seed}"
+
+
+TRAINING_CELL_ORDER = (("hard", "standard"), ("easy", "standard"), ("hard", "robust"), ("easy", "robust"),
+                       ("medium", "standard"), ("medium", "robust"))
+# The shipped checkpoints are world seed 0 at the default knobs (easy, low entropy, standard reward model): the full
+# grid reads them instead of building them again (a rebuild now differs in low bits, see rgrl.toy.build).
+SHIPPED_UNITS = frozenset({"dllm_s0_easy_low", "rm_s0_low_standard"})
+
+
+def plan(grid: Grid) -> list[str]:
+    """Every unit of the grid in priority order; `run_grid` starts the first one whose worlds exist
+    (`dependencies`). Per world seed: the longest builds first (the hard dLLM, the high-entropy world), then the
+    test-time runs at the extremes of the entropy knob, then the training cells in `TRAINING_CELL_ORDER` (hard
+    prompts first; all seeds of a cell together, so a partial sweep has whole cells), then the middle levels."""
+    units = []
+    for world_seed in grid.world_seeds:
+        cells = [cell for cell in TRAINING_CELL_ORDER
+                 if cell[0] in grid.difficulty_levels and cell[1] in grid.reward_models]
+        entropies = [grid.entropy_levels[0], grid.entropy_levels[-1], *grid.entropy_levels[1:-1]]
+        extremes, middle = entropies[:2], entropies[2:]
+        units += [dllm_unit(world_seed, difficulty, "low") for difficulty, _ in cells[:1]]
+        for entropy in extremes:
+            units += [dllm_unit(world_seed, "easy", entropy), rm_unit(world_seed, entropy, "standard"),
+                      steer_unit(world_seed, entropy)]
+        for difficulty, reward_model in cells:
+            units += [dllm_unit(world_seed, difficulty, "low"), rm_unit(world_seed, "low", reward_model)]
+            units += [train_unit(world_seed, difficulty, reward_model, label, seed)
+                      for seed in grid.seeds for label in TRAINING_VARIANTS]
+        for entropy in middle:
+            units += [dllm_unit(world_seed, "easy", entropy), rm_unit(world_seed, entropy, "standard"),
+                      steer_unit(world_seed, entropy)]
+    return list(dict.fromkeys(units))
+
+
+def dependencies(unit: str) -> list[str]:
+    """The world builds a run reads."""
+    kind, seed_part, *rest = unit.split("_")
+    world_seed = int(seed_part[1:])
+    if kind == "steer":
+        return [dllm_unit(world_seed, "easy", rest[0]), rm_unit(world_seed, rest[0], "standard")]
+    if kind == "train":
+        return [dllm_unit(world_seed, rest[0], "low"), rm_unit(world_seed, "low", rest[1])]
+    return []
+
+
+def run_unit(unit: str, grid: Grid, work: Path) -> None:
+    """Do one unit in this process and write work/results/<unit>.json."""
+    kind, seed_part, *rest = unit.split("_")
+    world_seed = int(seed_part[1:])
+    result: dict = {"unit": unit}
+    started = time.perf_counter()
+    if unit in SHIPPED_UNITS and not grid.quick:
+        result["report"] = json.loads((SHIPPED_CHECKPOINTS / REPORT_FILE).read_text())
+        result["report"]["shipped"] = True
+        if kind == "rm":  # measured as a build measures it now (the shipped report predates this measure)
+            from rgrl.rewards import RewardModel
+            from rgrl.toy.build import RMTraining, pairwise_accuracy
+
+            reward_model = RewardModel.from_pretrained(str(SHIPPED_CHECKPOINTS / "rm"), dtype="float32")
+            result["report"]["checkpoints"]["rm"]["degenerate_pair_accuracy"] = pairwise_accuracy(
+                reward_model, RMTraining().eval_pairs, seed=world_seed + 2000, degenerate_fraction=1.0)
+    elif kind == "dllm":
+        difficulty, entropy = rest
+        result["report"] = build_world(work / "worlds" / unit, grid, world_seed, difficulty, entropy, "dream")
+    elif kind == "rm":
+        entropy, reward_model = rest
+        result["report"] = build_world(work / "worlds" / unit, grid, world_seed, "easy", entropy, "rm",
+                                       robust=reward_model == "robust")
+    elif kind == "steer":
+        (entropy,) = rest
+        result["rows"] = steer(work, grid, world_seed, entropy)
+    elif kind == "train":
+        difficulty, reward_model, label, seed = rest[0], rest[1], rest[2], int(rest[3].removeprefix("seed"))
+        result["history"], result["flops_per_step"] = train(work, grid, world_seed, difficulty, reward_model, label,
+                                                             seed)
+    else:
+        raise SystemExit(f"error: unknown unit {unit!r}")
+    result["seconds"] = time.perf_counter() - started
+    path = work / "results" / f"{unit}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(result, default=_plain))
+    os.replace(tmp, path)
+
+
+def build_world(out: Path, grid: Grid, world_seed: int, difficulty: str, entropy: str, checkpoint: str,
+                robust: bool = False) -> dict:
+    from rgrl.toy.__main__ import main as toy_main
+
+    argv = ["build", "--out", str(out), "--only", checkpoint, "--seed", str(world_seed), "--difficulty", difficulty,
+            "--entropy", entropy, "--threads", "1", "--no-guided-eval", *(["--robust-rm"] * robust),
+            *(["--quick"] * grid.quick)]
+    toy_main(argv)
+    return json.loads((out / "build_report.json").read_text())
+
+
+def world_paths(work: Path, grid: Grid, world_seed: int, difficulty: str, entropy: str,
+                reward_model: str) -> tuple[str, str]:
+    """(dLLM directory, reward-model directory) of a world."""
+    paths = []
+    for unit, name in ((dllm_unit(world_seed, difficulty, entropy), "dream"),
+                       (rm_unit(world_seed, entropy, reward_model), "rm")):
+        shipped = unit in SHIPPED_UNITS and not grid.quick
+        paths.append(str(SHIPPED_CHECKPOINTS / name if shipped else work / "worlds" / unit / name))
+    return paths[0], paths[1]
+
+
+def steer(work: Path, grid: Grid, world_seed: int, entropy: str) -> list[dict]:
+    from rgrl import steer as steer_module
+    from rgrl.recipe import load_recipe
+
+    dllm, rm = world_paths(work, grid, world_seed, "easy", entropy, "standard")
+    overrides = ["--model.path", dllm, "--reward_model.path", rm, "--seeds", json.dumps(list(grid.seeds)),
+                 "--prompts.num_prompts", str(grid.num_prompts), "--methods", f"[{','.join(METHODS)}]",
+                 "--output_dir", str(work / "steer" / steer_unit(world_seed, entropy))]
+    return steer_module.run(load_recipe("recipes/steer_toy_dream.yaml", steer_module.SteerRecipe, overrides))
+
+
+def train(work: Path, grid: Grid, world_seed: int, difficulty: str, reward_model: str, label: str,
+          seed: int) -> tuple[list[dict], float]:
+    from rgrl.train import load_training_recipe, run
+
+    dllm, rm = world_paths(work, grid, world_seed, difficulty, "low", reward_model)
+    recipe, overrides = TRAINING_VARIANTS[label]
+    rewards = f"[{{model: {rm}, name: rm, dtype: float32}}, {{function: 'rgrl.toy.world:ground_truth', weight: 0.0}}]"
+    overrides = [*overrides, "--model.path", dllm, "--rewards", rewards, "--training.seed", str(seed),
+                 "--training.output_dir", str(work / "train" / train_unit(world_seed, difficulty, reward_model, label,
+                                                                          seed)),
+                 "--training.report_to", "none", "--training.max_steps", str(grid.max_steps),
+                 "--training.eval_steps", str(grid.eval_steps), "--training.save_steps", str(grid.max_steps),
+                 "--training.overwrite_output_dir", "true"]  # a unit without a result starts over
+    if grid.quick:  # a smaller batch and held-out set, as the toy world's smoke test uses
+        overrides += ["--training.per_device_train_batch_size", "8", "--training.per_device_eval_batch_size", "8",
+                      "--data.num_eval_prompts", "2"]
+    if label.startswith("RGRL"):
+        overrides += ["--guidance_model.path", rm]
+    loaded = load_training_recipe(recipe, overrides)
+    trainer = run(loaded)
+    if trainer.state.global_step != grid.max_steps:  # stopped early (a SIGTERM checkpoints and exits 0): no result
+        raise SystemExit(f"error: the run stopped at step {trainer.state.global_step} of {grid.max_steps}; "
+                         "rerun the sweep to train this unit again")
+    return trainer.state.log_history, step_flops(loaded.recipe, dllm, rm)
+
+
+def step_flops(recipe, dllm_path: str, rm_path: str) -> float:
+    """Counted FLOPs of one training step (`rgrl.models.flops`): the rollout's T dLLM forwards, guidance's M
+    reward-model forward + input backward per denoising step (RGRL), the reward model's discrete scores, and the
+    learner's forward + backward (3 forwards per iteration) of the dLLM; at the mean width of the toy prompts as the
+    dLLM's chat template renders them."""
+    from transformers import AutoConfig
+
+    from rgrl.data import PromptDataConfig, load_prompts
+    from rgrl.models.flops import TransformerShape
+    from rgrl.models.loading import load_tokenizer
+
+    dllm = TransformerShape.from_config(AutoConfig.from_pretrained(dllm_path))
+    rm = TransformerShape.from_config(AutoConfig.from_pretrained(rm_path), head_rows=1)
+    tokenizer = load_tokenizer(dllm_path)
+    prompts = load_prompts(PromptDataConfig(source="toy"), split="train")["prompt"][:64]
+    width = statistics.fmean(len(tokenizer(tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
+                                           add_special_tokens=False).input_ids) for p in prompts)
+    width = round(width) + recipe.sampler.completion_length
+    rm_width = width + 8  # the reward model's template wraps the conversation in a few more tokens
+    training = recipe.training
+    rows = training.per_device_train_batch_size * training.gradient_accumulation_steps
+    flops = recipe.sampler.steps * dllm.forward_flops(rows, width)
+    flops += rm.forward_flops(rows, rm_width)
+    flops += 3 * training.num_iterations * dllm.forward_flops(rows, width)
+    guidance = getattr(recipe, "guidance", None)
+    if guidance is not None and guidance.method != "none":
+        flops += recipe.sampler.steps * guidance.steps * (rm.forward_flops(rows, rm_width)
+                                                          + rm.input_backward_flops(rows, rm_width))
+    return float(flops)
+
+
+def _plain(value):
+    return value.item() if hasattr(value, "item") else str(value)
+
+
+# ------------------------------------------------------------------------------------------------ driver
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m rgrl.bench regimes", description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="docs/results", help="where regimes.md, regimes.json and the plots go")
+    parser.add_argument("--work", default="outputs/bench_regimes", help="worlds, runs and per-unit results")
+    parser.add_argument("--quick", action="store_true", help="a smoke test: reduced worlds, tiny grid")
+    parser.add_argument("--jobs", type=int, default=1, help="units run at once (separate processes)")
+    parser.add_argument("--report-only", action="store_true", help="run nothing; report the finished units")
+    parser.add_argument("--unit", help=argparse.SUPPRESS)  # one unit in this process (what --jobs starts)
+    args = parser.parse_args(argv)
+    grid = Grid.quick_grid() if args.quick else Grid.full()
+    work = Path(args.work)
+    if args.unit:
+        run_unit(args.unit, grid, work)
+        return
+    command = "python -m rgrl.bench regimes " + " ".join(
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    if not args.report_only:
+        run_grid(grid, work, args.jobs)
+    write_report(collect(grid, work), Path(args.out), command)
+
+
+def run_grid(grid: Grid, work: Path, jobs: int) -> None:
+    """Every unfinished unit of `plan`: with one job in this process, in plan order; with more, each as its own
+    process, `jobs` at a time, a unit starting when its worlds exist (the first ready one in plan order first). A
+    failed unit stops the sweep (its log is named)."""
+    import logging
+
+    if jobs == 1:
+        for unit in plan(grid):
+            if not (work / "results" / f"{unit}.json").exists():
+                run_unit(unit, grid, work)
+        return
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    log = logging.getLogger("rgrl.bench.regimes")
+    (work / "logs").mkdir(parents=True, exist_ok=True)
+
+    def done(unit: str) -> bool:
+        return (work / "results" / f"{unit}.json").exists()
+
+    pending = [unit for unit in plan(grid) if not done(unit)]
+    running: dict[str, tuple[subprocess.Popen, float]] = {}
+    while pending or running:
+        for unit, (process, started) in list(running.items()):
+            if process.poll() is None:
+                continue
+            del running[unit]
+            if process.returncode != 0:
+                for other, _ in running.values():
+                    other.terminate()
+                raise SystemExit(f"error: unit {unit} failed (exit {process.returncode}); see "
+                                 f"{work / 'logs' / f'{unit}.log'}")
+            log.info(f"{unit}: {time.perf_counter() - started:.0f} s ({len(pending)} units left)")
+        ready = [unit for unit in pending if all(done(d) for d in dependencies(unit))]
+        while ready and len(running) < jobs:
+            unit = ready.pop(0)
+            pending.remove(unit)
+            command = [sys.executable, "-m", "rgrl.bench", "regimes", "--unit", unit, "--work", str(work),
+                       *(["--quick"] * grid.quick)]
+            with open(work / "logs" / f"{unit}.log", "w") as log_file:
+                running[unit] = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT), time.perf_counter()
+        if not running and pending:
+            raise SystemExit(f"error: units {pending[:3]}… wait for worlds that are not in the plan")
+        time.sleep(1 if grid.quick else 5)
+
+
+# ------------------------------------------------------------------------------------------------ report
+def mean_sem(values: list[float]) -> tuple[float, float] | None:
+    if not values:
+        return None
+    if len(values) < 2:
+        return values[0], float("nan")
+    return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
+
+
+def _load(work: Path, unit: str) -> dict | None:
+    path = work / "results" / f"{unit}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _eval_at(history: list[dict], key: str, step: int) -> float | None:
+    values = {entry["step"]: entry[key] for entry in history if key in entry}
+    return values.get(step)
+
+
+def training_cell(runs: dict[str, list[dict]], max_steps: int) -> dict:
+    """Per method: held-out ground truth and RM score (unguided) at the start, at equal steps (the last step) and at
+    equal compute (RGRL's evaluation whose counted FLOPs come closest to, without exceeding, diffu-GRPO's at the last
+    step), each mean ± SEM over the seeds run."""
+    budget = None
+    if runs.get("diffu-GRPO"):
+        budget = statistics.fmean(r["flops_per_step"] for r in runs["diffu-GRPO"]) * max_steps
+    cell = {}
+    for label, seeds in runs.items():
+        if not seeds:
+            continue
+        row = {"seeds": len(seeds), "flops_per_step": statistics.fmean(r["flops_per_step"] for r in seeds)}
+        equal_step = max_steps
+        if budget is not None:
+            eval_steps = sorted({e["step"] for e in seeds[0]["history"] if GROUND_TRUTH in e})
+            affordable = [s for s in eval_steps if s * row["flops_per_step"] <= budget * (1 + 1e-9)]
+            equal_step = affordable[-1] if affordable else 0
+        row["equal_compute_step"] = equal_step
+        for name, key in (("ground_truth", GROUND_TRUTH), ("reward", HELD_OUT_REWARD)):
+            for when, step in (("start", 0), ("end", max_steps), ("equal_compute", equal_step)):
+                values = [_eval_at(r["history"], key, step) for r in seeds]
+                row[f"{name}@{when}"] = mean_sem([v for v in values if v is not None])
+            best = [max(v for s, v in _evaluations(r["history"], key)) for r in seeds]
+            row[f"{name}@best"] = mean_sem(best)
+        train_rewards = [statistics.fmean([e["reward"] for e in r["history"] if "reward" in e
+                                           and HELD_OUT_REWARD not in e][-10:]) for r in seeds]
+        row["training_reward"] = mean_sem(train_rewards)
+        cell[label] = row
+    return cell
+
+
+def _evaluations(history: list[dict], key: str) -> list[tuple[int, float]]:
+    return [(entry["step"], entry[key]) for entry in history if key in entry]
+
+
+def collect(grid: Grid, work: Path) -> dict:
+    """Everything finished, by cell; the cells of the grid with nothing finished are listed under `missing`."""
+    builds = [unit for unit in plan(grid) if unit.startswith(("dllm", "rm"))]
+    report: dict = {"grid": asdict(grid), "versions": versions(), "worlds": {}, "test_time": {}, "training": {},
+                    "missing": [], "seconds": {}}
+    for unit in builds:
+        result = _load(work, unit)
+        if result is None:
+            report["missing"].append(unit)
+            continue
+        entry = result["report"]["checkpoints"]["dream" if unit.startswith("dllm") else "rm"]
+        shipped = result["report"].get("shipped", False)  # predates the knobs: the default world
+        report["seconds"][unit] = entry["seconds"] if shipped else result["seconds"]
+        summary = {k: entry[k] for k in ("heldout_pair_accuracy", "degenerate_pair_accuracy", "steps") if k in entry}
+        if "base" in entry:
+            summary.update(pass_rate=entry["base"]["pass_rate"], well_formed=entry["base"]["well_formed"],
+                           on_topic=entry["base"]["on_topic"], uses_word=entry["base"]["uses_word"],
+                           vocab_rows=entry["vocab_rows"])
+        world_config = result["report"]["config"].get("world") or asdict(WorldConfig())
+        report["worlds"][unit] = {**summary, "world": world_config, "shipped": shipped,
+                                  "seconds": report["seconds"][unit]}
+    for world_seed in grid.world_seeds:
+        for entropy in grid.entropy_levels:
+            result = _load(work, steer_unit(world_seed, entropy))
+            if result is None:
+                report["missing"].append(steer_unit(world_seed, entropy))
+                continue
+            report["test_time"][f"s{world_seed}_{entropy}"] = result["rows"]
+            report["seconds"][steer_unit(world_seed, entropy)] = result["seconds"]
+        for difficulty in grid.difficulty_levels:
+            for reward_model in grid.reward_models:
+                per_method = {}
+                for label in TRAINING_VARIANTS:
+                    per_method[label] = []
+                    for seed in grid.seeds:
+                        unit = train_unit(world_seed, difficulty, reward_model, label, seed)
+                        result = _load(work, unit)
+                        if result is None:
+                            report["missing"].append(unit)
+                        else:
+                            per_method[label].append(result)
+                            report["seconds"][unit] = result["seconds"]
+                cell = training_cell(per_method, grid.max_steps)
+                if cell:
+                    report["training"][f"s{world_seed}_{difficulty}_{reward_model}"] = cell
+    return report
+
+
+def compare(a: tuple[float, float] | None, b: tuple[float, float] | None) -> str:
+    """'holds' when a − b exceeds twice its standard error, 'fails' when it is below minus that, else 'tie'."""
+    if a is None or b is None or math.isnan(a[1]) or math.isnan(b[1]):
+        return "– (too few seeds)"
+    diff, sem = a[0] - b[0], math.hypot(a[1], b[1])
+    verdict = "holds" if diff > 2 * sem else "fails" if diff < -2 * sem else "tie"
+    return f"{verdict} ({diff:+.3f} ± {sem:.3f})"
+
+
+def claims(report: dict) -> list[dict]:
+    """The paper's claims, cell by cell: [{claim, cell, measure, verdict}]."""
+    out = []
+    for cell, rows in report["test_time"].items():
+        by_method = {row["method"].split(" (")[0]: row for row in rows}
+        entrgi = by_method.get("entrgi")
+        if entrgi is None:
+            continue
+        bon = next((row for row in rows if row["method"].startswith("BoN equal compute")), None)
+        for claim, other in (("EntRGi > expectation", by_method.get("expectation")),
+                             ("EntRGi > APS", by_method.get("aps")), ("guidance (EntRGi) > BoN at equal compute", bon)):
+            if other is None:
+                continue
+            for measure, key in (("RM Top@1", "top1"), ("ground truth of best", "ground_truth@best")):
+                out.append({"claim": claim, "cell": f"test time {cell}", "measure": measure,
+                            "verdict": compare(_pair(entrgi.get(key)), _pair(other.get(key)))})
+    for cell, methods in report["training"].items():
+        diffu = methods.get("diffu-GRPO")
+        for label in ("RGRL-EntRGi", "RGRL-APS"):
+            if label not in methods or diffu is None:
+                continue
+            for when in ("end", "equal_compute"):
+                out.append({"claim": f"{label} > diffu-GRPO", "cell": f"training {cell}",
+                            "measure": f"held-out ground truth at {when.replace('_', ' ')}",
+                            "verdict": compare(methods[label][f"ground_truth@{when}"], diffu["ground_truth@end"])})
+        for label, row in methods.items():  # hacking: the held-out ground truth ends below its best
+            out.append({"claim": "no reward hacking", "cell": f"training {cell} {label}",
+                        "measure": "held-out ground truth, end − best",
+                        "verdict": _drop(row["ground_truth@end"], row["ground_truth@best"])})
+    return out
+
+
+def _pair(value) -> tuple[float, float] | None:
+    return tuple(value) if value else None
+
+
+def _drop(end, best) -> str:
+    if end is None or best is None:
+        return "–"
+    drop = end[0] - best[0]
+    return ("hacked" if drop < -0.1 else "holds") + f" ({drop:+.3f})"
+
+
+def write_report(report: dict, out: Path, command: str) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    report["command"] = command
+    report["claims"] = claims(report)
+    (out / "regimes.json").write_text(json.dumps(report, indent=1, default=_plain))
+    plot_test_time(report, out / "regimes_test_time.png")
+    plot_training(report, out / "regimes_training.png")
+    write_markdown(report, out / "regimes.md")
+    return out / "regimes.md"
+
+
+def write_markdown(report: dict, path: Path) -> None:
+    grid = report["grid"]
+    partial = bool(report["missing"])
+    lines = ["# Regimes of the toy world: when do EntRGi and RGRL win?", ""]
+    if partial:
+        lines += [f"**PARTIAL: {len(report['missing'])} units of the grid have not run** (listed at the end); every "
+                  "number below is from the units that finished.", ""]
+    lines += [f"Generated by `{report['command']}` (from the repository root). Grid: {json.dumps(grid)}. Versions: "
+              + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".", "",
+              "Unit wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in report["seconds"].items()) + ".", "",
+              "## The worlds", "",
+              "Each dLLM's sampled pass rate (600 samples, τ = 0.7) and its reward model's pair accuracies.", ""]
+    lines += _table([{"unit": unit + (" (shipped)" if entry["shipped"] else ""),
+                      **{k: v for k, v in entry.items() if k != "world"},
+                      "corpus_uses_word": entry["world"]["uses_word"] if "pass_rate" in entry else None,
+                      "synonyms": entry["world"]["synonyms"]} for unit, entry in report["worlds"].items()],
+                    [("unit", "unit"), ("synonyms", "synonyms"), ("corpus uses word", "corpus_uses_word"),
+                     ("sampled pass rate", "pass_rate"), ("uses word", "uses_word"), ("well-formed", "well_formed"),
+                     ("vocab rows", "vocab_rows"),
+                     ("RM pair acc.", "heldout_pair_accuracy"), ("RM acc. vs ill-formed", "degenerate_pair_accuracy"),
+                     ("build s", "seconds")]) + [""]
+    test_columns = [("method", "method"), ("N", "N"), ("RM Top@1", "top1"), ("RM Avg@N", "avg"),
+                    ("pass rate of best", "ground_truth@best"), ("pass rate, all", "ground_truth@avg"),
+                    ("mean w", "entropy_weight"), ("GFLOP / prompt", "gflops_per_prompt")]
+    for cell, rows in report["test_time"].items():
+        lines += [f"## Test time: world {cell} (entropy knob)", ""] + _table(rows, test_columns) + [""]
+    train_columns = [("method", "method"), ("seeds", "seeds"), ("training reward", "training_reward"),
+                     ("GT start", "ground_truth@start"), ("GT end (equal steps)", "ground_truth@end"),
+                     ("GT best", "ground_truth@best"), ("equal-compute step", "equal_compute_step"),
+                     ("GT equal compute", "ground_truth@equal_compute"), ("RM start", "reward@start"),
+                     ("RM end", "reward@end"), ("GFLOP / step", "gflops_per_step")]
+    for cell, methods in report["training"].items():
+        rows = [{"method": label, **row, "gflops_per_step": row["flops_per_step"] / 1e9}
+                for label, row in methods.items()]
+        lines += [f"## Training: world {cell} (difficulty × reward model)", "",
+                  "GT = held-out ground-truth pass rate of unguided samples, RM = the reward model's score of them; "
+                  "mean ± SEM over training seeds.", ""] + _table(rows, train_columns) + [""]
+    lines += ["## The paper's claims, cell by cell", "",
+              "holds / fails: the difference is more than twice its standard error (√(SEM₁² + SEM₂²), seeds "
+              "independent) above / below zero; tie: within that. Hacking: the held-out ground truth ends more than "
+              "0.1 below its best evaluation.", ""]
+    lines += _table(report["claims"], [("claim", "claim"), ("cell", "cell"), ("measure", "measure"),
+                                       ("verdict", "verdict")]) + [""]
+    if report["test_time"]:
+        lines += ["![test-time sweep](regimes_test_time.png)", ""]
+    if report["training"]:
+        lines += ["![training sweep](regimes_training.png)", ""]
+    if partial:
+        lines += ["## Not run", "", ", ".join(report["missing"]), ""]
+    tmp = path.with_suffix(".md.tmp")
+    tmp.write_text("\n".join(lines))
+    os.replace(tmp, path)
+
+
+def _bar_panels(ax, groups: list[str], series: dict[str, list], title: str) -> None:
+    width = 0.8 / max(1, len(series))
+    for i, (label, values) in enumerate(series.items()):
+        means = [v[0] if v else float("nan") for v in values]
+        sems = [v[1] if v and not math.isnan(v[1]) else 0.0 for v in values]
+        ax.bar([g + i * width for g in range(len(groups))], means, width, yerr=sems, capsize=3, label=label)
+    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups, fontsize=8)
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def plot_test_time(report: dict, path: Path) -> None:
+    if not report["test_time"]:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = list(report["test_time"])
+    methods = [row["method"].split(" (")[0] for row in report["test_time"][cells[0]]]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
+    for ax, (key, title) in zip(axes, [("top1", "RM Top@1"), ("ground_truth@best", "ground truth of the best")]):
+        series = {m: [_pair(next((r.get(key) for r in report["test_time"][c] if r["method"].split(" (")[0] == m),
+                                 None)) for c in cells] for m in methods}
+        _bar_panels(ax, cells, series, f"test time across the entropy knob: {title}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_training(report: dict, path: Path) -> None:
+    if not report["training"]:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cells = list(report["training"])
+    fig, axes = plt.subplots(1, 2, figsize=(14, 4))
+    for ax, (key, title) in zip(axes, [("ground_truth@end", "held-out ground truth, equal steps"),
+                                       ("ground_truth@equal_compute", "held-out ground truth, equal compute")]):
+        series = {label: [_pair(report["training"][c].get(label, {}).get(key)) for c in cells]
+                  for label in TRAINING_VARIANTS}
+        _bar_panels(ax, cells, series, f"training across difficulty × RM: {title}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
