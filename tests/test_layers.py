@@ -22,7 +22,7 @@ LAYERS = {
     "guidance": 3,
     "sampling": 4,
     "trainers": 5,
-    "train": 6, "steer": 6, "merge": 6, "toy": 6, "bench": 6, "rgrl": 6,  # applications (and the package root)
+    "train": 6, "steer": 6, "cli": 6, "merge": 6, "toy": 6, "bench": 6, "rgrl": 6,  # applications (and the package root)
 }
 
 

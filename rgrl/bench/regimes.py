@@ -44,7 +44,7 @@ from rgrl.toy.world import WorldConfig
 METHODS = ("none", "expectation", "aps", "entrgi")  # the steer recipe's methods (Best-of-N at equal compute added)
 TRAINING_VARIANTS = {  # label -> (recipe, overrides)
     "RGRL-EntRGi": ("recipes/toy_dream.yaml", []),
-    "RGRL-APS": ("recipes/toy_dream.yaml", ["--guidance.method", "aps"]),
+    "RGRL-APS": ("recipes/toy_dream.yaml", ["--training.guidance_method", "aps"]),
     "diffu-GRPO": ("recipes/toy_dream_diffu_grpo.yaml", []),
 }
 GROUND_TRUTH = "eval_rewards/ground_truth/mean"
@@ -229,7 +229,7 @@ def train(work: Path, grid: Grid, world_seed: int, difficulty: str, reward_model
         overrides += ["--training.per_device_train_batch_size", "8", "--training.per_device_eval_batch_size", "8",
                       "--data.num_eval_prompts", "2"]
     if label.startswith("RGRL"):
-        overrides += ["--guidance_model.path", rm]
+        overrides += ["--training.guidance_model", rm]
     loaded = load_training_recipe(recipe, overrides)
     trainer = run(loaded)
     if trainer.state.global_step != grid.max_steps:  # stopped early (a SIGTERM checkpoints and exits 0): no result
@@ -255,17 +255,16 @@ def step_flops(recipe, dllm_path: str, rm_path: str) -> float:
     prompts = load_prompts(PromptDataConfig(source="toy"), split="train")["prompt"][:64]
     width = statistics.fmean(len(tokenizer(tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True),
                                            add_special_tokens=False).input_ids) for p in prompts)
-    width = round(width) + recipe.sampler.completion_length
-    rm_width = width + 8  # the reward model's template wraps the conversation in a few more tokens
     training = recipe.training
+    width = round(width) + training.max_completion_length
+    rm_width = width + 8  # the reward model's template wraps the conversation in a few more tokens
     rows = training.per_device_train_batch_size * training.gradient_accumulation_steps
-    flops = recipe.sampler.steps * dllm.forward_flops(rows, width)
+    flops = training.diffusion_steps * dllm.forward_flops(rows, width)
     flops += rm.forward_flops(rows, rm_width)
     flops += 3 * training.num_iterations * dllm.forward_flops(rows, width)
-    guidance = getattr(recipe, "guidance", None)
-    if guidance is not None and guidance.method != "none":
-        flops += recipe.sampler.steps * guidance.steps * (rm.forward_flops(rows, rm_width)
-                                                          + rm.input_backward_flops(rows, rm_width))
+    if getattr(training, "guided", False):  # RGRL with a guidance method
+        flops += training.diffusion_steps * training.guidance_steps * (rm.forward_flops(rows, rm_width)
+                                                                       + rm.input_backward_flops(rows, rm_width))
     return float(flops)
 
 
