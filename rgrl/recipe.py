@@ -61,30 +61,51 @@ def scrub_secret_arguments(argv: list[str]) -> list[str]:
     return scrubbed
 
 
-def load_recipe(path: str | os.PathLike, schema: type, overrides: list[str] | None = None):
-    """Read the YAML recipe at `path`, apply `--key value` overrides, and build an instance of `schema`."""
-    return build_dataclass(schema, read_recipe(path, schema, overrides), source=str(path))
+def load_recipe(path: str | os.PathLike | None, schema: type, overrides: list[str] | None = None):
+    """Read the YAML recipe at `path` (None: every key at its default), apply `--key value` overrides, and build an
+    instance of `schema`."""
+    source = str(path) if path is not None else "command line"
+    return build_dataclass(schema, read_recipe(path, schema, overrides), source=source)
 
 
-def read_recipe(path: str | os.PathLike, schema: type, overrides: list[str] | None = None) -> dict:
-    """The recipe at `path` as a plain mapping with the `--key value` overrides applied (their keys validated)."""
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"Recipe file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise RecipeError(f"{path}: not valid YAML: {error}") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}.")
+def read_recipe(path: str | os.PathLike | None, schema: type, overrides: list[str] | None = None) -> dict:
+    """The recipe at `path` (None: an empty one) as a plain mapping with the `--key value` overrides applied (their
+    keys validated)."""
+    data, source = {}, "command line"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"Recipe file not found: {path}")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise RecipeError(f"{path}: not valid YAML: {error}") from None
+        if not isinstance(data, dict):
+            raise RecipeError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}.")
+        source = f"{path} (command line)"
     for key, value in parse_overrides(overrides or []):
-        _set_dotted(data, key, value, schema, source=f"{path} (command line)")
+        _set_dotted(data, key, value, schema, source=source)
     return data
 
 
+_KEY_EQUALS = re.compile(r"^[A-Za-z_][\w.\[\]-]*=")
+
+
+class _Bare:
+    """The value of an override given without one (`--quick`): true for a boolean key, an error for any other."""
+
+    def __repr__(self) -> str:
+        return "<no value>"
+
+
+BARE = _Bare()
+
+
 def parse_overrides(argv: list[str]) -> list[tuple[str, object]]:
-    """['--a.b', '3', '--flag=true', 'c=x'] -> [('a.b', 3), ('flag', True), ('c', 'x')]; values are parsed as YAML
-    scalars."""
+    """['--a.b', '3', '--flag=true', 'c=x', '--names', 'x', 'y', '--quick'] ->
+    [('a.b', 3), ('flag', True), ('c', 'x'), ('names', ['x', 'y']), ('quick', BARE)]; values are parsed as YAML
+    scalars, several values after one key make a list. A token `key=…` is always an override of its own (a value
+    holding "=" is written `--key=value`)."""
     pairs, i = [], 0
     while i < len(argv):
         token = argv[i]
@@ -92,16 +113,18 @@ def parse_overrides(argv: list[str]) -> list[tuple[str, object]]:
             token = f"--{token}"
         if not token.startswith("--") or len(token) == 2:
             raise RecipeError(f"Expected an override '--key value' or 'key=value', got {token!r}.")
-        key = token[2:]
+        key, i = token[2:], i + 1
         if "=" in key:
             key, raw = key.split("=", 1)
-            i += 1
-        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
-            raw = argv[i + 1]
-            i += 2
+            value = yaml.safe_load(raw)
         else:
-            raise RecipeError(f"Override --{key} has no value.")
-        pairs.append((key.replace("-", "_"), yaml.safe_load(raw)))
+            raws = []
+            while i < len(argv) and not argv[i].startswith("--") and not _KEY_EQUALS.match(argv[i]):
+                raws.append(argv[i])
+                i += 1
+            values = [yaml.safe_load(raw) for raw in raws]
+            value = BARE if not values else values[0] if len(values) == 1 else values
+        pairs.append((key.replace("-", "_"), value))
     return pairs
 
 
@@ -111,7 +134,7 @@ def _set_dotted(data: dict, dotted: str, value, schema: type, source: str) -> No
     for depth, part in enumerate(parts):
         field = _field_or_error(node_schema, part, ".".join(parts[: depth + 1]), source)
         if depth == len(parts) - 1:
-            node[part] = value
+            node[part] = _command_line_value(value, type_hints(node_schema)[field.name], dotted, source)
             return
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
@@ -119,6 +142,18 @@ def _set_dotted(data: dict, dotted: str, value, schema: type, source: str) -> No
         node_schema = dataclass_in(type_hints(node_schema)[field.name])
         if node_schema is None:
             raise RecipeError(f"{source}: '{'.'.join(parts[: depth + 1])}' is not a section.")
+
+
+def _command_line_value(value, hint, dotted: str, source: str):
+    """A bare `--key` sets a boolean key to true; one value given for a list key is a list of one."""
+    kinds = [hint, *typing.get_args(hint)] if typing.get_origin(hint) in (typing.Union, types.UnionType) else [hint]
+    if value is BARE:
+        if bool not in kinds:
+            raise RecipeError(f"{source}: override --{dotted} has no value.")
+        return True
+    if any(typing.get_origin(kind) is list for kind in kinds) and not isinstance(value, list) and value is not None:
+        return [value]
+    return value
 
 
 def _field_or_error(schema: type, key: str, where: str, source: str) -> dataclasses.Field:

@@ -334,7 +334,7 @@ def test_hardware_mismatches_are_reported_together(at_repo_root, tmp_path):
 
 
 @pytest.mark.parametrize("override, expected", [
-    (["--seeds", "abc"], "'seeds' must be a list"),
+    (["--seeds", "abc"], "'seeds[0]' must be an integer, got 'abc'"),
     (["--prompts.path", "recipes/data/none.jsonl"], "'prompts.path': no file or folder at"),
 ])
 def test_steer_dry_run_rejects_bad_values(override, expected, at_repo_root):

@@ -7,17 +7,18 @@ per setting and method, Top@1 and Avg@N of the reward model, the ground-truth pa
 SEM over seeds), the counted dLLM forwards and GFLOP per prompt and the wall time, and the change against exact
 sampling; the plot shows the trade-off (compute saved against Top@1 and ground truth). The toy world's prompts are
 short, so the prompt cache saves little compute here: the speed side at paper shapes is `python -m rgrl.bench speed
---rollout`. `--quick` shrinks everything to a smoke test (numbers meaningless), used by CI.
+--rollout`. `quick` shrinks everything to a smoke test (numbers meaningless), used by CI.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import shlex
-import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
+
+from rgrl import cli
 
 SETTINGS = {  # name -> sampler overrides
     "exact": [],
@@ -27,17 +28,21 @@ SETTINGS = {  # name -> sampler overrides
 }
 
 
+@dataclass
+class CacheOptions:
+    """`python -m rgrl.bench cache` options."""
+
+    family: Literal["dream", "llada"] = "dream"  # the toy world's dLLM family
+    out: str = "docs/results"  # where cache.md, cache.json and cache.png go
+    work: str = "outputs/bench_cache"  # where the runs' own outputs go
+    quick: bool = False  # a smoke test: 1 seed, 4 prompts, meaningless numbers
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m rgrl.bench cache", description=__doc__.split("\n")[0])
-    parser.add_argument("--family", choices=["dream", "llada"], default="dream")
-    parser.add_argument("--out", default="docs/results", help="where cache.md, cache.json and cache.png go")
-    parser.add_argument("--work", default="outputs/bench_cache", help="where the runs' own outputs go")
-    parser.add_argument("--quick", action="store_true", help="a smoke test: 1 seed, 4 prompts, meaningless numbers")
-    args = parser.parse_args(argv)
-    command = "python -m rgrl.bench cache " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    report = run(args.family, Path(args.work), args.quick)
-    report["command"] = command
-    write_report(report, Path(args.out))
+    options = cli.parse_options("python -m rgrl.bench cache", __doc__, argv, CacheOptions)
+    report = run(options.family, Path(options.work), options.quick)
+    report["command"] = cli.command_string("python -m rgrl.bench cache", argv)
+    write_report(report, Path(options.out))
 
 
 def run(family: str, work: Path, quick: bool) -> dict:

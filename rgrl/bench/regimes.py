@@ -24,11 +24,9 @@ everything to a smoke test (reduced worlds, a tiny grid; numbers meaningless), u
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
-import shlex
 import statistics
 import subprocess
 import sys
@@ -36,6 +34,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from rgrl import cli
 from rgrl.bench.toy import _table, versions
 from rgrl.toy import SHIPPED_CHECKPOINTS
 from rgrl.toy.build import REPORT_FILE
@@ -273,25 +272,34 @@ def _plain(value):
 
 
 # ------------------------------------------------------------------------------------------------ driver
+@dataclass
+class RegimesOptions:
+    """`python -m rgrl.bench regimes` options."""
+
+    out: str = "docs/results"  # where regimes.md, regimes.json and the plots go
+    work: str = "outputs/bench_regimes"  # worlds, runs and per-unit results
+    quick: bool = False  # a smoke test: reduced worlds, tiny grid
+    jobs: int = 1  # units run at once (separate processes)
+    report_only: bool = False  # run nothing; report the finished units
+    unit: str | None = None  # run this one unit in this process (what `jobs` starts)
+
+    def __post_init__(self):
+        if self.jobs < 1:
+            raise ValueError(f"jobs must be >= 1, got {self.jobs}.")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m rgrl.bench regimes", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="docs/results", help="where regimes.md, regimes.json and the plots go")
-    parser.add_argument("--work", default="outputs/bench_regimes", help="worlds, runs and per-unit results")
-    parser.add_argument("--quick", action="store_true", help="a smoke test: reduced worlds, tiny grid")
-    parser.add_argument("--jobs", type=int, default=1, help="units run at once (separate processes)")
-    parser.add_argument("--report-only", action="store_true", help="run nothing; report the finished units")
-    parser.add_argument("--unit", help=argparse.SUPPRESS)  # one unit in this process (what --jobs starts)
-    args = parser.parse_args(argv)
-    grid = Grid.quick_grid() if args.quick else Grid.full()
-    work = Path(args.work)
-    if args.unit:
-        run_unit(args.unit, grid, work)
+    options = cli.parse_options("python -m rgrl.bench regimes", __doc__, argv, RegimesOptions)
+    grid = Grid.quick_grid() if options.quick else Grid.full()
+    work = Path(options.work)
+    if options.unit:
+        if options.unit not in plan(grid):
+            sys.exit(f"error: unknown unit {options.unit!r}; the grid's units are listed in {options.out}/regimes.md.")
+        run_unit(options.unit, grid, work)
         return
-    command = "python -m rgrl.bench regimes " + " ".join(
-        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    if not args.report_only:
-        run_grid(grid, work, args.jobs)
-    write_report(collect(grid, work), Path(args.out), command)
+    if not options.report_only:
+        run_grid(grid, work, options.jobs)
+    write_report(collect(grid, work), Path(options.out), cli.command_string("python -m rgrl.bench regimes", argv))
 
 
 def run_grid(grid: Grid, work: Path, jobs: int) -> None:

@@ -20,13 +20,13 @@ Per part it reports the median time, the peak memory added while it runs (CPU: t
 reset before each part; CUDA: the allocator's peak), its FLOPs (`rgrl.models.flops`) and the fraction of the FLOP
 floor (FLOPs over the matmul throughput measured at start, divided by the time). For the guidance parts it also
 counts memory traffic per masked position: the bytes every tensor operation reads and writes (for compiled kernels,
-every generated kernel, as inductor counts them). What a part updates in place is copied before it is measured. Last, the FLOP model of a paper-sized RGRL rollout. The report goes to `--out` as REPORT.md, REPORT.csv
-and REPORT.json (`--report`, default `speed`).
+every generated kernel, as inductor counts them). What a part updates in place is copied before it is measured.
+Last, the FLOP model of a paper-sized RGRL rollout. The report goes to `out` as REPORT.md, REPORT.csv and REPORT.json
+(`report`, default `speed`). `python -m rgrl.bench speed --help` lists every option.
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import csv
 import dataclasses
@@ -34,18 +34,18 @@ import gc
 import json
 import os
 import platform
-import shlex
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from rgrl import cli
 from rgrl.guidance import GuidanceConfig, GuidanceStats, RewardGuidance
 from rgrl.guidance.estimators import FreshAdam, VocabularyKernels
 from rgrl.models.flops import TransformerShape, soft_embedding_flops
@@ -53,7 +53,8 @@ from rgrl.sampling import DiffusionSampler, SamplerConfig
 from rgrl.sampling.sampler import GenerationStats
 from rgrl.sampling.schedules import RevealStep
 
-SHAPES = ("tiny", "toy", "full")
+Shape = Literal["tiny", "toy", "full"]
+SHAPES = get_args(Shape)
 # rows × prompt tokens × masked slots per shape (a paper RGRL rollout has 8 rows, ~300 prompt tokens, 128 slots)
 DEFAULT_CANVAS = {"tiny": (8, 16, 32), "toy": (16, 24, 16), "full": (8, 64, 128)}
 SETTINGS = {  # the guidance of the paper's RGRL rollouts and of its test-time runs
@@ -62,49 +63,66 @@ SETTINGS = {  # the guidance of the paper's RGRL rollouts and of its test-time r
 }
 
 
+PARTS = ("dllm_layers", "dllm_head", "guidance_proposals", "rm_forward_backward", "guidance_update", "sample_reveal",
+         "guidance", "guided_step", "unguided_step", "guidance_compiled", "naive_guidance")
+
+
+@dataclass
+class SpeedOptions:
+    """`python -m rgrl.bench speed` options."""
+
+    shapes: list[Shape] = field(default_factory=lambda: list(SHAPES))  # the shapes measured, in this order
+    setting: str = "rgrl"  # the guidance's M, τ, top-p, top-k: rgrl (the paper's RGRL rollouts) or test_time
+    device: str = "cpu"  # cpu or cuda
+    dtype: Literal["float32", "bfloat16"] | None = None  # model dtype (default: float32 on CPU, bfloat16 on CUDA)
+    layers: int = 1  # blocks of the full-size models (random weights)
+    rows: int | None = None  # canvas rows (default per shape)
+    prompt_length: int | None = None  # prompt tokens per row (default per shape)
+    slots: int | None = None  # masked completion slots per row (default per shape)
+    repeats: int = 5  # interleaved rounds; times are medians
+    oracle: bool = False  # also run the naive guidance (tests/oracles.py)
+    compile: bool = False  # also run guidance with its vocabulary chains compiled (guidance.compile)
+    parts: list[str] | None = None  # measure only these parts (default: all; the module docstring lists them)
+    rollout: int = 0  # > 0: also time whole guided rollouts (T = L steps), exact against prompt_cache_refresh R
+    out: str = "docs/results"  # where the report goes
+    report: str = "speed"  # report file names: REPORT.md, REPORT.csv, REPORT.json
+
+    def __post_init__(self):
+        if self.setting not in SETTINGS:
+            raise ValueError(f"setting must be one of {sorted(SETTINGS)}, got {self.setting!r}.")
+        if self.repeats < 1 or self.layers < 1 or self.rollout < 0:
+            raise ValueError("repeats and layers must be >= 1 and rollout >= 0.")
+        if any(value is not None and value < 1 for value in (self.rows, self.prompt_length, self.slots)):
+            raise ValueError("rows, prompt_length and slots must be >= 1.")
+        unknown = sorted(set(self.parts or []) - set(PARTS))
+        if unknown:
+            raise ValueError(f"parts: unknown {unknown}; the parts are {list(PARTS)}.")
+        for part, flag in (("guidance_compiled", self.compile), ("naive_guidance", self.oracle)):
+            if part in (self.parts or []) and not flag:
+                raise ValueError(f"parts: {part} needs {'compile' if part == 'guidance_compiled' else 'oracle'}: true.")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m rgrl.bench speed", description=__doc__.split("\n")[0])
-    parser.add_argument("--shapes", nargs="+", choices=SHAPES, default=list(SHAPES))
-    parser.add_argument("--setting", choices=sorted(SETTINGS), default="rgrl", help="guidance M, τ, top-p, top-k")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
-                        help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
-    parser.add_argument("--layers", type=int, default=1, help="blocks of the full-size models (random weights)")
-    parser.add_argument("--rows", type=int, default=None, help="canvas rows (default per shape)")
-    parser.add_argument("--prompt-length", type=int, default=None, help="prompt tokens per row (default per shape)")
-    parser.add_argument("--slots", type=int, default=None, help="masked completion slots per row (default per shape)")
-    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds; times are medians")
-    parser.add_argument("--oracle", action="store_true", help="also run the naive guidance (tests/oracles.py)")
-    parser.add_argument("--compile", action="store_true",
-                        help="also run guidance with its vocabulary chains compiled (guidance.compile)")
-    parser.add_argument("--parts", nargs="+", default=None, metavar="PART",
-                        help="measure only these parts (default: all; module docstring)")
-    parser.add_argument("--rollout", type=int, default=0, metavar="R",
-                        help="also time whole guided rollouts (T = L steps), exact against the cache mode with "
-                             "prompt_cache_refresh R")
-    parser.add_argument("--out", default="docs/results", help="where the report goes")
-    parser.add_argument("--report", default="speed", help="report file names: REPORT.md, REPORT.csv, REPORT.json")
-    args = parser.parse_args(argv)
-    if args.repeats < 1 or args.layers < 1:
-        parser.error("--repeats and --layers must be >= 1")
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32"))
-    command = "python -m rgrl.bench speed " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    throughput = matmul_throughput(torch.device(args.device), dtype)
+    options = cli.parse_options("python -m rgrl.bench speed", __doc__, argv, SpeedOptions)
+    dtype = getattr(torch, options.dtype or ("bfloat16" if options.device.startswith("cuda") else "float32"))
+    command = cli.command_string("python -m rgrl.bench speed", argv)
+    throughput = matmul_throughput(torch.device(options.device), dtype)
     results = []
-    for name in args.shapes:
+    for name in options.shapes:
         rows, prompt_length, slots = DEFAULT_CANVAS[name]
-        canvas = (args.rows or rows, args.prompt_length or prompt_length, args.slots or slots)
-        setup = build(name, torch.device(args.device), dtype, args.layers, canvas, SETTINGS[args.setting])
-        results.append(measure(setup, args.repeats, args.oracle, args.compile, throughput, args.parts))
-        if args.rollout:
-            results[-1]["rollout"] = rollouts(setup, args.rollout, args.repeats)
+        canvas = (options.rows or rows, options.prompt_length or prompt_length, options.slots or slots)
+        setup = build(name, torch.device(options.device), dtype, options.layers, canvas, SETTINGS[options.setting])
+        results.append(measure(setup, options.repeats, options.oracle, options.compile, throughput, options.parts))
+        if options.rollout:
+            results[-1]["rollout"] = rollouts(setup, options.rollout, options.repeats)
         print(format_shape(results[-1]), flush=True)
         del setup
         gc.collect()
-    report = {"command": command, "machine": machine(args.device), "setting": {args.setting: SETTINGS[args.setting]},
+    report = {"command": command, "machine": machine(options.device),
+              "setting": {options.setting: SETTINGS[options.setting]},
               "dtype": str(dtype).removeprefix("torch."), "matmul_flops_per_second": throughput, "shapes": results,
               "paper_rollout": paper_rollout_flops()}
-    write_report(report, Path(args.out), args.report)
+    write_report(report, Path(options.out), options.report)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -259,11 +277,8 @@ def measure(setup: Setup, repeats: int, oracle: bool, compiled: bool, throughput
         naive = _naive_guidance(hook, logits, slots, masked)
         parts["naive_guidance"] = Part(None, naive)
         agreement["naive"] = _agreement(bound(5)(logits.clone(), slots, masked), naive(seed=5))
+    assert set(parts) <= set(PARTS), "a new part goes into PARTS too"
     if only:
-        unknown = sorted(set(only) - set(parts))
-        if unknown:
-            raise SystemExit(f"--parts: unknown {unknown}; the parts are {sorted(parts)} (--compile and --oracle add "
-                             "guidance_compiled and naive_guidance).")
         parts = {name: part for name, part in parts.items() if name in only}
     times = {name: [] for name in parts}
     names = list(parts)

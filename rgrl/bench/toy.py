@@ -21,20 +21,23 @@ writes one report from the reports of parts run separately (`--families`/`--skip
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
-import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import fmean
+from typing import Literal, get_args
 
-FAMILIES = ("dream", "llada")
-SECTIONS = ("test_time", "ablation", "training")
+from rgrl import cli
+
+Family = Literal["dream", "llada"]
+FAMILIES = get_args(Family)
+Section = Literal["test_time", "ablation", "training"]
+SECTIONS = get_args(Section)
 ABLATION_STEPS = (1, 3)
 ABLATION_LRS = (0.25, 0.5, 1.0)
 MEASURE_GAIN = ["--training.guidance_measure_gain", "true"]  # the report's guidance-gain column; off in the recipes (cost)
@@ -63,24 +66,31 @@ class Scale:
         return cls(seeds=[1], num_prompts=4, max_steps=2, eval_steps=1)
 
 
+@dataclass
+class ToyOptions:
+    """`python -m rgrl.bench toy` options."""
+
+    out: str = "docs/results"  # where the report and plots go
+    work: str = "outputs/bench_toy"  # where the runs' own outputs go
+    quick: bool = False  # a smoke test: tiny sizes, meaningless numbers
+    families: list[Family] = field(default_factory=lambda: list(FAMILIES))  # the toy dLLMs benchmarked
+    skip: list[Section] = field(default_factory=list)  # sections not run
+    jobs: int = 1  # run the (family, section) parts in this many processes at once (same results)
+    merge: list[str] | None = None  # run nothing: merge the reports (toy.json) in these folders, parts run apart
+
+    def __post_init__(self):
+        if self.jobs < 1:
+            raise ValueError(f"jobs must be >= 1, got {self.jobs}.")
+
+
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m rgrl.bench toy", description=__doc__.split("\n")[0])
-    parser.add_argument("--out", default="docs/results", help="where the report and plots go")
-    parser.add_argument("--work", default="outputs/bench_toy", help="where the runs' own outputs go")
-    parser.add_argument("--quick", action="store_true", help="a smoke test: tiny sizes, meaningless numbers")
-    parser.add_argument("--families", nargs="+", choices=FAMILIES, default=list(FAMILIES))
-    parser.add_argument("--skip", nargs="*", choices=SECTIONS, default=[])
-    parser.add_argument("--jobs", type=int, default=1,
-                        help="run the (family, section) parts in this many processes at once (same results)")
-    parser.add_argument("--merge", nargs="+", type=Path, metavar="DIR",
-                        help="run nothing: merge the reports (toy.json) of parts run separately into one")
-    args = parser.parse_args(argv)
-    command = "python -m rgrl.bench toy " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
-    if args.merge:
-        merge_reports(Path(args.out), args.merge, command)
+    options = cli.parse_options("python -m rgrl.bench toy", __doc__, argv, ToyOptions)
+    command = cli.command_string("python -m rgrl.bench toy", argv)
+    if options.merge:
+        merge_reports(Path(options.out), [Path(part) for part in options.merge], command)
         return
-    toy(Path(args.out), Path(args.work), Scale.quick() if args.quick else Scale.full(), args.families,
-        set(args.skip), command, jobs=args.jobs, quick=args.quick)
+    toy(Path(options.out), Path(options.work), Scale.quick() if options.quick else Scale.full(), options.families,
+        set(options.skip), command, jobs=options.jobs, quick=options.quick)
 
 
 def toy(out: Path, work: Path, scale: Scale, families: list[str], skip: set[str], command: str,
