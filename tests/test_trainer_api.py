@@ -184,3 +184,20 @@ def test_trl_reward_model_quick_start_with_the_class_names_changed(tmp_path, mon
     assert next(trainer.model.parameters()).dtype == torch.bfloat16, "bf16 training loads bfloat16 weights"
     assert {"rewards/rm/mean", "guidance/entropy_weight"} <= set(first), "guided rollouts, scored by the RM"
     assert trainer.state.global_step == 1 and math.isfinite(last["train_loss"])
+
+
+def test_rollouts_are_profiled_through_trl(tmp_path, monkeypatch):
+    """The sampler runs inside TRL's `profiling_context`: its time reaches TRL's profiling entries (wandb, MLflow,
+    trackio) beside TRL's own (the reward functions')."""
+    from trl.extras.profiling import ProfilingContext
+
+    profiled = []
+    monkeypatch.setattr(ProfilingContext, "_log_metrics", lambda self, duration: profiled.append((self.name, duration)))
+    trainer = DiffuGRPOTrainer(model="toy:dream", reward_funcs=["toy:rm"], args=config(DiffuGRPOConfig, tmp_path),
+                               train_dataset=toy_prompts())
+    trainer.model.train()
+    trainer._generate_and_score_completions(rollout_rows(trainer.train_dataset))
+    names = [name for name, _ in profiled]
+    assert names == ["DiffuGRPOTrainer.DiffusionSampler.generate", "DiffuGRPOTrainer.rm",
+                     "DiffuGRPOTrainer._calculate_rewards"]
+    assert all(duration > 0 for _, duration in profiled)

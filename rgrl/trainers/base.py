@@ -36,6 +36,7 @@ from accelerate.utils import gather_object
 from torch.nn.utils.rnn import pad_sequence
 from transformers import GenerationConfig
 from trl import GRPOTrainer
+from trl.extras.profiling import profiling_context
 from trl.models import unwrap_model_for_generation
 from trl.trainer.utils import nanstd
 
@@ -189,7 +190,7 @@ class MaskedDiffusionTrainer(GRPOTrainer, metaclass=abc.ABCMeta):
                 self.model_wrapped, self.accelerator, gather_deepspeed3_params=self.args.ds3_gather_for_generation
             ) as policy:
                 sampler = DiffusionSampler(policy, self.processing_class, self.family, self.sampler_config, guidance)
-                with self.accelerator.autocast():
+                with self.accelerator.autocast(), profiling_context(self, "DiffusionSampler.generate"):
                     sample = sampler.generate(prompts)  # eval mode inside, mode restored
         metrics = {"guidance/sampler_seconds": sample.stats.seconds}
         if guidance is not None:
