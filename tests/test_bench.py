@@ -81,9 +81,10 @@ def test_regimes_quick_runs_the_tiny_grid_and_resumes(tmp_path):
     assert (out / "regimes_test_time.png").stat().st_size > 0 and (out / "regimes_training.png").stat().st_size > 0
 
     # finished units are not rerun; a lost result is rerun; --report-only runs nothing and marks the gap
-    results = sorted((work / "results").glob("*.json"))
+    assert not (work / "results").exists(), "results are kept next to the report (committed), not under work"
+    results = sorted((out / "regimes_units").glob("*.json"))
     stamps = {path: path.stat().st_mtime_ns for path in results}
-    lost = work / "results" / "train_s0_easy_standard_diffu-GRPO_seed2.json"
+    lost = out / "regimes_units" / "train_s0_easy_standard_diffu-GRPO_seed2.json"
     lost.unlink()
     main(["regimes", "--quick", "--report-only", "--out", str(out), "--work", str(work)])
     partial = json.loads((out / "regimes.json").read_text())
@@ -93,6 +94,26 @@ def test_regimes_quick_runs_the_tiny_grid_and_resumes(tmp_path):
     main(["regimes", "--quick", "--out", str(out), "--work", str(work)])
     assert lost.exists() and all(path.stat().st_mtime_ns == stamp for path, stamp in stamps.items() if path != lost)
     assert json.loads((out / "regimes.json").read_text())["training"] == report["training"]  # deterministic rerun
+
+
+def test_regimes_resumes_from_results_made_elsewhere(tmp_path):
+    """Results from another session (committed) are not rerun; a world whose checkpoint is not here is built again
+    only when a run still needs it."""
+    from rgrl.bench.regimes import Grid, Sweep, plan
+
+    sweep = Sweep(Grid.quick_grid(), tmp_path / "work", tmp_path / "results")
+    units = plan(sweep.grid)
+    assert sweep.pending() == units
+    sweep.results.mkdir()
+    for unit in units:
+        sweep.result_path(unit).write_text("{}")
+    assert sweep.pending() == [], "every result is there: nothing runs, the missing worlds are not rebuilt"
+    run = "train_s0_easy_standard_RGRL-APS_seed2"
+    sweep.result_path(run).unlink()
+    assert sweep.pending() == ["dllm_s0_easy_low", "rm_s0_low_standard", run]
+    (sweep.work / "worlds" / "dllm_s0_easy_low").mkdir(parents=True)
+    assert sweep.pending() == ["rm_s0_low_standard", run]
+    assert not sweep.world_available("rm_s0_low_standard") and sweep.world_available("dllm_s0_easy_low")
 
 
 def test_regimes_plan_starts_every_world_before_its_runs():

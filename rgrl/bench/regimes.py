@@ -16,10 +16,13 @@ The grid is fixed here, before any run (`Grid.full`):
 and all of it for every world seed (the second world seed checks that the map does not hang on one world).
 
 Every unit of work (a world's dLLM or reward model, a steer run, a training run) is a `python -m rgrl.bench regimes
---unit …` process whose result is a JSON file under `--work`; finished units are never rerun, so an interrupted sweep
-resumes where it stopped, and `--report-only` writes the report from whatever has finished (cells not yet run are
-listed as such). Units run `--jobs` at a time, in an order that completes whole seeds first. `--quick` shrinks
-everything to a smoke test (reduced worlds, a tiny grid; numbers meaningless), used by CI.
+--unit …` process whose result is a small JSON file in `results` (default: OUT/regimes_units, committed with the
+report); its heavy outputs (checkpoints, runs, logs) go under `work`. Finished units are never rerun, so an interrupted
+sweep resumes where it stopped — in another session or on another machine too: a world whose result is there but
+whose checkpoint is not is built again when a run still needs it (a rebuild can differ in low bits). `--report-only`
+writes the report from whatever has finished (cells not yet run are listed as such). Units run `jobs` at a time, in
+an order that completes whole seeds first. `--quick` shrinks everything to a smoke test (reduced worlds, a tiny grid;
+numbers meaningless), used by CI.
 """
 
 from __future__ import annotations
@@ -138,8 +141,9 @@ def dependencies(unit: str) -> list[str]:
     return []
 
 
-def run_unit(unit: str, grid: Grid, work: Path) -> None:
-    """Do one unit in this process and write work/results/<unit>.json."""
+def run_unit(unit: str, sweep: Sweep) -> None:
+    """Do one unit in this process and write its result to the sweep's results folder."""
+    grid, work = sweep.grid, sweep.work
     kind, seed_part, *rest = unit.split("_")
     world_seed = int(seed_part[1:])
     result: dict = {"unit": unit}
@@ -171,7 +175,7 @@ def run_unit(unit: str, grid: Grid, work: Path) -> None:
     else:
         raise SystemExit(f"error: unknown unit {unit!r}")
     result["seconds"] = time.perf_counter() - started
-    path = work / "results" / f"{unit}.json"
+    path = sweep.result_path(unit)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(result, default=_plain))
@@ -267,6 +271,38 @@ def step_flops(recipe, dllm_path: str, rm_path: str) -> float:
     return float(flops)
 
 
+@dataclass(frozen=True)
+class Sweep:
+    """Where a sweep keeps things: the results of finished units (small JSON files, committed next to the report, so
+    another session or machine resumes from them and `--report-only` rebuilds the report) and the heavy outputs
+    (worlds, runs, logs) under `work`."""
+
+    grid: Grid
+    work: Path
+    results: Path
+
+    def result_path(self, unit: str) -> Path:
+        return self.results / f"{unit}.json"
+
+    def load(self, unit: str) -> dict | None:
+        path = self.result_path(unit)
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def world_available(self, unit: str) -> bool:
+        """A finished world unit whose checkpoint is on this machine (the shipped ones always are)."""
+        if not self.result_path(unit).exists():
+            return False
+        return (unit in SHIPPED_UNITS and not self.grid.quick) or (self.work / "worlds" / unit).is_dir()
+
+    def pending(self) -> list[str]:
+        """The units still to run, in plan order: every run without a result, and every world one of those runs
+        reads that is not available here (a result from elsewhere, its checkpoint not copied: built again)."""
+        units = plan(self.grid)
+        runs = [unit for unit in units if unit.startswith(("steer", "train")) and not self.result_path(unit).exists()]
+        worlds = {world for run in runs for world in dependencies(run) if not self.world_available(world)}
+        return [unit for unit in units if unit in worlds or unit in runs]
+
+
 def _plain(value):
     return value.item() if hasattr(value, "item") else str(value)
 
@@ -277,7 +313,8 @@ class RegimesOptions:
     """`python -m rgrl.bench regimes` options."""
 
     out: str = "docs/results"  # where regimes.md, regimes.json and the plots go
-    work: str = "outputs/bench_regimes"  # worlds, runs and per-unit results
+    work: str = "outputs/bench_regimes"  # worlds, runs and logs (large; not committed)
+    results: str | None = None  # each finished unit's result (JSON; default: OUT/regimes_units, committed)
     quick: bool = False  # a smoke test: reduced worlds, tiny grid
     jobs: int = 1  # units run at once (separate processes)
     report_only: bool = False  # run nothing; report the finished units
@@ -291,37 +328,33 @@ class RegimesOptions:
 def main(argv: list[str] | None = None) -> None:
     options = cli.parse_options("python -m rgrl.bench regimes", __doc__, argv, RegimesOptions)
     grid = Grid.quick_grid() if options.quick else Grid.full()
-    work = Path(options.work)
+    sweep = Sweep(grid, Path(options.work), Path(options.results or Path(options.out) / "regimes_units"))
     if options.unit:
         if options.unit not in plan(grid):
             sys.exit(f"error: unknown unit {options.unit!r}; the grid's units are listed in {options.out}/regimes.md.")
-        run_unit(options.unit, grid, work)
+        run_unit(options.unit, sweep)
         return
     if not options.report_only:
-        run_grid(grid, work, options.jobs)
-    write_report(collect(grid, work), Path(options.out), cli.command_string("python -m rgrl.bench regimes", argv))
+        run_grid(sweep, options.jobs)
+    write_report(collect(sweep), Path(options.out), cli.command_string("python -m rgrl.bench regimes", argv))
 
 
-def run_grid(grid: Grid, work: Path, jobs: int) -> None:
-    """Every unfinished unit of `plan`: with one job in this process, in plan order; with more, each as its own
-    process, `jobs` at a time, a unit starting when its worlds exist (the first ready one in plan order first). A
-    failed unit stops the sweep (its log is named)."""
+def run_grid(sweep: Sweep, jobs: int) -> None:
+    """Every pending unit (`Sweep.pending`): with one job in this process, in plan order; with more, each as its own
+    process, `jobs` at a time, a unit starting when its worlds are available (the first ready one in plan order
+    first). A failed unit stops the sweep (its log is named)."""
     import logging
 
+    pending = sweep.pending()
     if jobs == 1:
-        for unit in plan(grid):
-            if not (work / "results" / f"{unit}.json").exists():
-                run_unit(unit, grid, work)
+        for unit in pending:
+            run_unit(unit, sweep)
         return
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     log = logging.getLogger("rgrl.bench.regimes")
-    (work / "logs").mkdir(parents=True, exist_ok=True)
-
-    def done(unit: str) -> bool:
-        return (work / "results" / f"{unit}.json").exists()
-
-    pending = [unit for unit in plan(grid) if not done(unit)]
+    logs = sweep.work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
     running: dict[str, tuple[subprocess.Popen, float]] = {}
     while pending or running:
         for unit, (process, started) in list(running.items()):
@@ -331,20 +364,19 @@ def run_grid(grid: Grid, work: Path, jobs: int) -> None:
             if process.returncode != 0:
                 for other, _ in running.values():
                     other.terminate()
-                raise SystemExit(f"error: unit {unit} failed (exit {process.returncode}); see "
-                                 f"{work / 'logs' / f'{unit}.log'}")
+                raise SystemExit(f"error: unit {unit} failed (exit {process.returncode}); see {logs / f'{unit}.log'}")
             log.info(f"{unit}: {time.perf_counter() - started:.0f} s ({len(pending)} units left)")
-        ready = [unit for unit in pending if all(done(d) for d in dependencies(unit))]
+        ready = [unit for unit in pending if all(sweep.world_available(d) for d in dependencies(unit))]
         while ready and len(running) < jobs:
             unit = ready.pop(0)
             pending.remove(unit)
-            command = [sys.executable, "-m", "rgrl.bench", "regimes", "--unit", unit, "--work", str(work),
-                       *(["--quick"] * grid.quick)]
-            with open(work / "logs" / f"{unit}.log", "w") as log_file:
+            command = [sys.executable, "-m", "rgrl.bench", "regimes", "--unit", unit, "--work", str(sweep.work),
+                       "--results", str(sweep.results), *(["--quick"] * sweep.grid.quick)]
+            with open(logs / f"{unit}.log", "w") as log_file:
                 running[unit] = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT), time.perf_counter()
         if not running and pending:
             raise SystemExit(f"error: units {pending[:3]}… wait for worlds that are not in the plan")
-        time.sleep(1 if grid.quick else 5)
+        time.sleep(1 if sweep.grid.quick else 5)
 
 
 # ------------------------------------------------------------------------------------------------ report
@@ -354,11 +386,6 @@ def mean_sem(values: list[float]) -> tuple[float, float] | None:
     if len(values) < 2:
         return values[0], float("nan")
     return statistics.fmean(values), statistics.stdev(values) / math.sqrt(len(values))
-
-
-def _load(work: Path, unit: str) -> dict | None:
-    path = work / "results" / f"{unit}.json"
-    return json.loads(path.read_text()) if path.exists() else None
 
 
 def _eval_at(history: list[dict], key: str, step: int) -> float | None:
@@ -401,13 +428,14 @@ def _evaluations(history: list[dict], key: str) -> list[tuple[int, float]]:
     return [(entry["step"], entry[key]) for entry in history if key in entry]
 
 
-def collect(grid: Grid, work: Path) -> dict:
+def collect(sweep: Sweep) -> dict:
     """Everything finished, by cell; the cells of the grid with nothing finished are listed under `missing`."""
+    grid = sweep.grid
     builds = [unit for unit in plan(grid) if unit.startswith(("dllm", "rm"))]
     report: dict = {"grid": asdict(grid), "versions": versions(), "worlds": {}, "test_time": {}, "training": {},
                     "missing": [], "seconds": {}}
     for unit in builds:
-        result = _load(work, unit)
+        result = sweep.load(unit)
         if result is None:
             report["missing"].append(unit)
             continue
@@ -424,7 +452,7 @@ def collect(grid: Grid, work: Path) -> dict:
                                   "seconds": report["seconds"][unit]}
     for world_seed in grid.world_seeds:
         for entropy in grid.entropy_levels:
-            result = _load(work, steer_unit(world_seed, entropy))
+            result = sweep.load(steer_unit(world_seed, entropy))
             if result is None:
                 report["missing"].append(steer_unit(world_seed, entropy))
                 continue
@@ -437,7 +465,7 @@ def collect(grid: Grid, work: Path) -> dict:
                     per_method[label] = []
                     for seed in grid.seeds:
                         unit = train_unit(world_seed, difficulty, reward_model, label, seed)
-                        result = _load(work, unit)
+                        result = sweep.load(unit)
                         if result is None:
                             report["missing"].append(unit)
                         else:
