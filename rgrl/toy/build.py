@@ -390,6 +390,15 @@ class RMTrainingResult:
     validation_accuracy: float
 
 
+def validation_pairs(settings: RMTraining, seed: int, world_config: world.WorldConfig) -> list[tuple[str, str, str]]:
+    """The clean pairs whose accuracy stops reward-model training: well-formed responses only, with or without
+    degenerate training negatives. A robust reward model then stops at the same accuracy on well-formed pairs as a
+    standard one and differs from it only in what it learnt about ill-formed responses (with degenerate validation
+    pairs, which it soon orders right, it would stop sooner and less accurate on well-formed ones)."""
+    return world.preference_pairs(settings.validation_pairs, seed=seed + 1, hard_fraction=settings.hard_fraction,
+                                  world=world_config)
+
+
 def train_reward_model(model, tokenizer, settings: RMTraining, seed: int, desc: str = "RM",
                        world_config: world.WorldConfig = world.SHIPPED_WORLD) -> RMTrainingResult:
     """Bradley–Terry on noisy ground-truth preference pairs, loss = −log σ(r(chosen) − r(rejected)), stopped as
@@ -405,10 +414,7 @@ def train_reward_model(model, tokenizer, settings: RMTraining, seed: int, desc: 
     ids, mask = encode(world.preference_pairs(settings.num_pairs, seed=seed, hard_fraction=settings.hard_fraction,
                                               label_noise=settings.label_noise,
                                               degenerate_fraction=settings.degenerate_fraction, world=world_config))
-    val_ids, val_mask = encode(world.preference_pairs(settings.validation_pairs, seed=seed + 1,
-                                                      hard_fraction=settings.hard_fraction,
-                                                      degenerate_fraction=settings.degenerate_fraction,
-                                                      world=world_config))
+    val_ids, val_mask = encode(validation_pairs(settings, seed, world_config))
     num_pairs, generator = settings.num_pairs, torch.Generator().manual_seed(seed)
     steps, accuracy = 0, 0.0
 
