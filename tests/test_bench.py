@@ -167,7 +167,8 @@ def test_regimes_merge_keeps_earlier_cells_and_marks_stale_worlds(tmp_path):
                "missing": ["rm_s0_low_robust", "dllm_s0_medium_low"],
                "seconds": {"dllm_s0_hard_low": 1.0, "dllm_s0_easy_low": 1.0, "rm_s0_low_standard": 1.0,
                            "steer_s0_low": 1.0, "train_s0_hard_standard_RGRL-EntRGi_seed1": 1.0}}
-    new = {"grid": {}, "versions": {"commit": "new"}, "worlds": {"rm_s0_low_robust": world(0.4, heldout_pair_accuracy=0.95)},
+    new = {"grid": {}, "versions": {"commit": "new"},
+           "worlds": {"rm_s0_low_robust": world(0.4, heldout_pair_accuracy=0.95)},
            "test_time": {}, "training": {}, "seconds": {"rm_s0_low_robust": 2.0},
            "missing": ["dllm_s0_hard_low", "dllm_s0_easy_low", "dllm_s0_medium_low", "rm_s0_low_standard"]}
     merged = regimes.merge_reports(earlier, new)
