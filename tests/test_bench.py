@@ -168,6 +168,51 @@ def test_regimes_training_cell_is_mean_and_sem_over_seeds_at_equal_steps_and_com
     assert hacked == ["hacked (-0.500)"]
 
 
+def test_regimes_merge_keeps_earlier_cells_and_marks_stale_worlds(tmp_path):
+    from rgrl.bench import regimes
+    from rgrl.toy.build import DIFFICULTY
+
+    def world(uses_word, **measured):
+        return {**measured, "world": {"uses_word": uses_word, "synonyms": 1}, "shipped": False, "seconds": 1.0}
+
+    runs = [{"history": _history({0: (0.1, 0.0), 10: (0.2, 0.1)}, [0.0] * 10), "flops_per_step": 1.0},
+            {"history": _history({0: (0.1, 0.0), 10: (0.3, 0.2)}, [0.0] * 10), "flops_per_step": 1.0}]
+    cell = regimes.training_cell({"RGRL-EntRGi": runs, "diffu-GRPO": runs}, max_steps=10)
+    rows = [{"method": "expectation", "top1": [1.0, 0.1], "ground_truth@best": [0.9, 0.05]},
+            {"method": "entrgi (M = 3)", "top1": [1.5, 0.1], "ground_truth@best": [1.0, 0.0]}]
+    earlier = {"grid": {}, "versions": {"commit": "old"}, "command": "python -m rgrl.bench regimes --jobs 2",
+               "worlds": {"dllm_s0_hard_low": world(DIFFICULTY["hard"] + 0.01, pass_rate=0.0),  # an older level
+                          "dllm_s0_easy_low": world(DIFFICULTY["easy"], pass_rate=0.44),
+                          "rm_s0_low_standard": world(DIFFICULTY["easy"], heldout_pair_accuracy=0.9)},
+               "test_time": {"s0_low": rows}, "training": {"s0_hard_standard": cell},
+               "missing": ["rm_s0_low_robust", "dllm_s0_medium_low"],
+               "seconds": {"dllm_s0_hard_low": 1.0, "dllm_s0_easy_low": 1.0, "rm_s0_low_standard": 1.0,
+                           "steer_s0_low": 1.0, "train_s0_hard_standard_RGRL-EntRGi_seed1": 1.0}}
+    new = {"grid": {}, "versions": {"commit": "new"},
+           "worlds": {"rm_s0_low_robust": world(0.4, heldout_pair_accuracy=0.95)},
+           "test_time": {}, "training": {}, "seconds": {"rm_s0_low_robust": 2.0},
+           "missing": ["dllm_s0_hard_low", "dllm_s0_easy_low", "dllm_s0_medium_low", "rm_s0_low_standard"]}
+    merged = regimes.merge_reports(earlier, new)
+    assert set(merged["worlds"]) == {"dllm_s0_hard_low", "dllm_s0_easy_low", "rm_s0_low_standard", "rm_s0_low_robust"}
+    assert merged["missing"] == ["dllm_s0_medium_low"]  # finished in neither report
+    assert merged["training"] == {"s0_hard_standard": cell} and merged["test_time"] == {"s0_low": rows}
+    assert merged["merged_from"] == [{"command": earlier["command"], "versions": {"commit": "old"}}]
+
+    assert regimes.stale_worlds(merged) == {
+        "dllm_s0_hard_low": f"built at uses_word {DIFFICULTY['hard'] + 0.01}, `hard` is now {DIFFICULTY['hard']}"}
+    regimes.write_report(merged, tmp_path, "python -m rgrl.bench regimes --report-only --merge regimes.json")
+    text = (tmp_path / "regimes.md").read_text()
+    assert "STALE: 1 world builds" in text and "| dllm_s0_hard_low (STALE) |" in text
+    assert "## Training: world s0_hard_standard (difficulty × reward model) — STALE" in text
+    assert "## Test time: world s0_low (entropy knob)\n" in text  # its worlds are current
+    assert "Merged with the earlier report of `python -m rgrl.bench regimes --jobs 2`" in text
+    written = json.loads((tmp_path / "regimes.json").read_text())
+    assert set(written["stale"]) == {"dllm_s0_hard_low"}
+    cells = {claim["cell"] for claim in written["claims"]}
+    assert "test time s0_low" in cells and "training s0_hard_standard (STALE)" in cells
+    assert all("s0_low (STALE)" not in c for c in cells)
+
+
 def test_regimes_compare_needs_a_margin_of_two_standard_errors():
     from rgrl.bench import regimes
 

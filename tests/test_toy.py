@@ -173,6 +173,20 @@ def test_degenerate_negatives_are_ill_formed_and_keep_topic_and_word():
     assert ill_formed == pytest.approx(0.3, abs=0.03)
 
 
+def test_reward_model_training_stops_on_well_formed_validation_pairs_only():
+    """A robust reward model (degenerate training negatives) is stopped by the same clean, well-formed validation
+    pairs as a standard one, so both stop at the same accuracy on well-formed pairs."""
+    standard = build.RMTraining()
+    robust = build.RMTraining(degenerate_fraction=build.ROBUST_RM_DEGENERATE_FRACTION)
+    pairs = build.validation_pairs(robust, seed=0, world_config=world.SHIPPED_WORLD)
+    assert pairs == build.validation_pairs(standard, seed=0, world_config=world.SHIPPED_WORLD)
+    assert len(pairs) == robust.validation_pairs
+    for prompt, chosen, rejected in pairs:
+        instruction = world.parse_instruction(prompt)
+        assert world.check(instruction, chosen).passed and not world.check(instruction, rejected).passed
+        assert world.is_well_formed(rejected.split())  # no label noise, no ill-formed negative
+
+
 def test_build_options_map_onto_the_config():
     from rgrl.toy.__main__ import build_config, main as toy_main
     import argparse

@@ -1,6 +1,6 @@
-"""`python -m rgrl.bench regimes [--quick] [--jobs N] [--out DIR] [--work DIR] [--report-only]`: when do EntRGi and
-RGRL win? Sweeps over the toy world's knobs (`python -m rgrl.toy build --difficulty/--entropy/--robust-rm/--seed`),
-report in docs/results/regimes.md.
+"""`python -m rgrl.bench regimes [--quick] [--jobs N] [--out DIR] [--work DIR] [--report-only] [--merge JSON]`: when
+do EntRGi and RGRL win? Sweeps over the toy world's knobs (`python -m rgrl.toy build
+--difficulty/--entropy/--robust-rm/--seed`), report in docs/results/regimes.md.
 
 The grid is fixed here, before any run (`Grid.full`):
 
@@ -22,7 +22,9 @@ sweep resumes where it stopped — in another session or on another machine too:
 whose checkpoint is not is built again when a run still needs it (a rebuild can differ in low bits). `--report-only`
 writes the report from whatever has finished (cells not yet run are listed as such). Units run `jobs` at a time, in
 an order that completes whole seeds first. `--quick` shrinks everything to a smoke test (reduced worlds, a tiny grid;
-numbers meaningless), used by CI.
+numbers meaningless), used by CI. `merge JSON` starts the report from an earlier regimes.json (from before unit
+results were kept), cell by cell replaced by the finished units. A world build whose recorded knob values differ from
+what its level sets now (a level recalibrated after it ran) is marked STALE in the report, with every cell built on it.
 """
 
 from __future__ import annotations
@@ -318,6 +320,7 @@ class RegimesOptions:
     quick: bool = False  # a smoke test: reduced worlds, tiny grid
     jobs: int = 1  # units run at once (separate processes)
     report_only: bool = False  # run nothing; report the finished units
+    merge: str | None = None  # start from an earlier regimes.json: its cells stand where no finished unit replaces them
     unit: str | None = None  # run this one unit in this process (what `jobs` starts)
 
     def __post_init__(self):
@@ -336,7 +339,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not options.report_only:
         run_grid(sweep, options.jobs)
-    write_report(collect(sweep), Path(options.out), cli.command_string("python -m rgrl.bench regimes", argv))
+    report = collect(sweep)
+    if options.merge:
+        report = merge_reports(json.loads(Path(options.merge).read_text()), report)
+    write_report(report, Path(options.out), cli.command_string("python -m rgrl.bench regimes", argv))
 
 
 def run_grid(sweep: Sweep, jobs: int) -> None:
@@ -477,6 +483,44 @@ def collect(sweep: Sweep) -> dict:
     return report
 
 
+def merge_reports(earlier: dict, report: dict) -> dict:
+    """`report` on top of an `earlier` one (`--merge`): every world, test-time cell and training cell of `report`
+    replaces the earlier one of that name; units neither report finished stay missing."""
+    merged = dict(report)
+    for section in ("worlds", "test_time", "training", "seconds"):
+        merged[section] = {**earlier[section], **report[section]}
+    merged["missing"] = [unit for unit in report["missing"] if unit not in earlier["seconds"]]
+    merged["merged_from"] = [*earlier.get("merged_from", []),
+                             {"command": earlier["command"], "versions": earlier["versions"]}]
+    return merged
+
+
+def stale_worlds(report: dict) -> dict[str, str]:
+    """World builds whose recorded knob values are no longer what their level names (`rgrl.toy.build.DIFFICULTY`,
+    `ENTROPY`) set: unit -> why. Cells built on them are not results of the current levels."""
+    from rgrl.toy.build import DIFFICULTY, ENTROPY
+
+    stale = {}
+    for unit, entry in report.get("worlds", {}).items():
+        kind, _, *rest = unit.split("_")
+        difficulty, entropy = (rest[0], rest[1]) if kind == "dllm" else (None, rest[0])
+        recorded = entry["world"]
+        if recorded["synonyms"] != ENTROPY[entropy]:
+            stale[unit] = f"built at synonyms {recorded['synonyms']}, `{entropy}` is now {ENTROPY[entropy]}"
+        elif difficulty is not None and recorded["uses_word"] != DIFFICULTY[difficulty]:
+            stale[unit] = (f"built at uses_word {recorded['uses_word']}, `{difficulty}` is now "
+                           f"{DIFFICULTY[difficulty]}")
+    return stale
+
+
+def _stale_cell(stale: dict[str, str], kind: str, cell: str) -> str | None:
+    """Why a test-time (`kind` "steer") or training ("train") cell is stale, or None."""
+    if not stale:
+        return None
+    reasons = [f"{world} {stale[world]}" for world in dependencies(f"{kind}_{cell}") if world in stale]
+    return "; ".join(reasons) or None
+
+
 def compare(a: tuple[float, float] | None, b: tuple[float, float] | None) -> str:
     """'holds' when a − b exceeds twice its standard error, 'fails' when it is below minus that, else 'tie'."""
     if a is None or b is None or math.isnan(a[1]) or math.isnan(b[1]):
@@ -489,7 +533,9 @@ def compare(a: tuple[float, float] | None, b: tuple[float, float] | None) -> str
 def claims(report: dict) -> list[dict]:
     """The paper's claims, cell by cell: [{claim, cell, measure, verdict}]."""
     out = []
+    stale = stale_worlds(report)
     for cell, rows in report["test_time"].items():
+        label = f"test time {cell}" + (" (STALE)" if _stale_cell(stale, "steer", cell) else "")
         by_method = {row["method"].split(" (")[0]: row for row in rows}
         entrgi = by_method.get("entrgi")
         if entrgi is None:
@@ -500,9 +546,10 @@ def claims(report: dict) -> list[dict]:
             if other is None:
                 continue
             for measure, key in (("RM Top@1", "top1"), ("ground truth of best", "ground_truth@best")):
-                out.append({"claim": claim, "cell": f"test time {cell}", "measure": measure,
+                out.append({"claim": claim, "cell": label, "measure": measure,
                             "verdict": compare(_pair(entrgi.get(key)), _pair(other.get(key)))})
     for cell, methods in report["training"].items():
+        cell = cell + (" (STALE)" if _stale_cell(stale, "train", cell) else "")
         diffu = methods.get("diffu-GRPO")
         for label in ("RGRL-EntRGi", "RGRL-APS"):
             if label not in methods or diffu is None:
@@ -533,6 +580,7 @@ def write_report(report: dict, out: Path, command: str) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     report["command"] = command
     report["claims"] = claims(report)
+    report["stale"] = stale_worlds(report)
     (out / "regimes.json").write_text(json.dumps(report, indent=1, default=_plain))
     plot_test_time(report, out / "regimes_test_time.png")
     plot_training(report, out / "regimes_training.png")
@@ -547,12 +595,23 @@ def write_markdown(report: dict, path: Path) -> None:
     if partial:
         lines += [f"**PARTIAL: {len(report['missing'])} units of the grid have not run** (listed at the end); every "
                   "number below is from the units that finished.", ""]
+    stale = stale_worlds(report)
+    if stale:
+        lines += [f"**STALE: {len(stale)} world builds were made at knob values their level no longer has** (marked "
+                  "STALE below, with every cell built on them; those numbers are not results of the current "
+                  "levels, which a sweep in a fresh --work builds): "
+                  + "; ".join(f"{unit} {why}" for unit, why in stale.items()) + ".", ""]
     lines += [f"Generated by `{report['command']}` (from the repository root). Grid: {json.dumps(grid)}. Versions: "
-              + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".", "",
-              "Unit wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in report["seconds"].items()) + ".", "",
+              + ", ".join(f"{k} {v}" for k, v in report["versions"].items()) + ".", ""]
+    for earlier in report.get("merged_from", []):
+        lines += [f"Merged with the earlier report of `{earlier['command']}` (versions "
+                  + ", ".join(f"{k} {v}" for k, v in earlier["versions"].items())
+                  + "): its cells stand where no unit of this run replaced them.", ""]
+    lines += ["Unit wall times (s): " + ", ".join(f"{k} {v:.0f}" for k, v in report["seconds"].items()) + ".", "",
               "## The worlds", "",
               "Each dLLM's sampled pass rate (600 samples, τ = 0.7) and its reward model's pair accuracies.", ""]
-    lines += _table([{"unit": unit + (" (shipped)" if entry["shipped"] else ""),
+    lines += _table([{"unit": unit + (" (shipped)" if entry["shipped"] else "")
+                              + (" (STALE)" if unit in stale else ""),
                       **{k: v for k, v in entry.items() if k != "world"},
                       "corpus_uses_word": entry["world"]["uses_word"] if "pass_rate" in entry else None,
                       "synonyms": entry["world"]["synonyms"]} for unit, entry in report["worlds"].items()],
@@ -565,7 +624,9 @@ def write_markdown(report: dict, path: Path) -> None:
                     ("pass rate of best", "ground_truth@best"), ("pass rate, all", "ground_truth@avg"),
                     ("mean w", "entropy_weight"), ("GFLOP / prompt", "gflops_per_prompt")]
     for cell, rows in report["test_time"].items():
-        lines += [f"## Test time: world {cell} (entropy knob)", ""] + _table(rows, test_columns) + [""]
+        why = _stale_cell(stale, "steer", cell)
+        lines += [f"## Test time: world {cell} (entropy knob)" + (" — STALE" if why else ""), ""]
+        lines += ([f"STALE: {why}.", ""] if why else []) + _table(rows, test_columns) + [""]
     train_columns = [("method", "method"), ("seeds", "seeds"), ("training reward", "training_reward"),
                      ("GT start", "ground_truth@start"), ("GT end (equal steps)", "ground_truth@end"),
                      ("GT best", "ground_truth@best"), ("equal-compute step", "equal_compute_step"),
@@ -574,8 +635,10 @@ def write_markdown(report: dict, path: Path) -> None:
     for cell, methods in report["training"].items():
         rows = [{"method": label, **row, "gflops_per_step": row["flops_per_step"] / 1e9}
                 for label, row in methods.items()]
-        lines += [f"## Training: world {cell} (difficulty × reward model)", "",
-                  "GT = held-out ground-truth pass rate of unguided samples, RM = the reward model's score of them; "
+        why = _stale_cell(stale, "train", cell)
+        lines += [f"## Training: world {cell} (difficulty × reward model)" + (" — STALE" if why else ""), ""]
+        lines += [f"STALE: {why}.", ""] if why else []
+        lines += ["GT = held-out ground-truth pass rate of unguided samples, RM = the reward model's score of them; "
                   "mean ± SEM over training seeds.", ""] + _table(rows, train_columns) + [""]
     lines += ["## The paper's claims, cell by cell", "",
               "holds / fails: the difference is more than twice its standard error (√(SEM₁² + SEM₂²), seeds "
@@ -615,12 +678,14 @@ def plot_test_time(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cells = list(report["test_time"])
+    stale = stale_worlds(report)
+    labels = [cell + (" (STALE)" if _stale_cell(stale, "steer", cell) else "") for cell in cells]
     methods = [row["method"].split(" (")[0] for row in report["test_time"][cells[0]]]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4))
     for ax, (key, title) in zip(axes, [("top1", "RM Top@1"), ("ground_truth@best", "ground truth of the best")]):
         series = {m: [_pair(next((r.get(key) for r in report["test_time"][c] if r["method"].split(" (")[0] == m),
                                  None)) for c in cells] for m in methods}
-        _bar_panels(ax, cells, series, f"test time across the entropy knob: {title}")
+        _bar_panels(ax, labels, series, f"test time across the entropy knob: {title}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -635,12 +700,14 @@ def plot_training(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cells = list(report["training"])
+    stale = stale_worlds(report)
+    labels = [cell + (" (STALE)" if _stale_cell(stale, "train", cell) else "") for cell in cells]
     fig, axes = plt.subplots(1, 2, figsize=(14, 4))
     for ax, (key, title) in zip(axes, [("ground_truth@end", "held-out ground truth, equal steps"),
                                        ("ground_truth@equal_compute", "held-out ground truth, equal compute")]):
         series = {label: [_pair(report["training"][c].get(label, {}).get(key)) for c in cells]
                   for label in TRAINING_VARIANTS}
-        _bar_panels(ax, cells, series, f"training across difficulty × RM: {title}")
+        _bar_panels(ax, labels, series, f"training across difficulty × RM: {title}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
