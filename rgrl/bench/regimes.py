@@ -670,44 +670,42 @@ def _bar_panels(ax, groups: list[str], series: dict[str, list], title: str) -> N
 
 
 def plot_test_time(report: dict, path: Path) -> None:
-    if not report["test_time"]:
-        return
-    import matplotlib
+    def series(cells: list[str], key: str) -> dict[str, list]:
+        methods = [row["method"].split(" (")[0] for row in report["test_time"][cells[0]]]
+        return {m: [_pair(next((r.get(key) for r in report["test_time"][c] if r["method"].split(" (")[0] == m), None))
+                    for c in cells] for m in methods}
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cells = list(report["test_time"])
-    stale = stale_worlds(report)
-    labels = [cell + (" (STALE)" if _stale_cell(stale, "steer", cell) else "") for cell in cells]
-    methods = [row["method"].split(" (")[0] for row in report["test_time"][cells[0]]]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4))
-    for ax, (key, title) in zip(axes, [("top1", "RM Top@1"), ("ground_truth@best", "ground truth of the best")]):
-        series = {m: [_pair(next((r.get(key) for r in report["test_time"][c] if r["method"].split(" (")[0] == m),
-                                 None)) for c in cells] for m in methods}
-        _bar_panels(ax, labels, series, f"test time across the entropy knob: {title}")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _plot_cells(report, "test_time", "steer", path, (13, 4), series, "test time across the entropy knob",
+                [("top1", "RM Top@1"), ("ground_truth@best", "ground truth of the best")])
 
 
 def plot_training(report: dict, path: Path) -> None:
-    if not report["training"]:
+    def series(cells: list[str], key: str) -> dict[str, list]:
+        return {label: [_pair(report["training"][c].get(label, {}).get(key)) for c in cells]
+                for label in TRAINING_VARIANTS}
+
+    _plot_cells(report, "training", "train", path, (14, 4), series, "training across difficulty × RM",
+                [("ground_truth@end", "held-out ground truth, equal steps"),
+                 ("ground_truth@equal_compute", "held-out ground truth, equal compute")])
+
+
+def _plot_cells(report: dict, section: str, kind: str, path: Path, figsize: tuple, series, title: str,
+                panels: list[tuple[str, str]]) -> None:
+    """One bar panel per (key, panel title): a bar group per cell of `report[section]` (stale ones labelled), a bar
+    per series(cells, key) entry."""
+    if not report[section]:
         return
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cells = list(report["training"])
+    cells = list(report[section])
     stale = stale_worlds(report)
-    labels = [cell + (" (STALE)" if _stale_cell(stale, "train", cell) else "") for cell in cells]
-    fig, axes = plt.subplots(1, 2, figsize=(14, 4))
-    for ax, (key, title) in zip(axes, [("ground_truth@end", "held-out ground truth, equal steps"),
-                                       ("ground_truth@equal_compute", "held-out ground truth, equal compute")]):
-        series = {label: [_pair(report["training"][c].get(label, {}).get(key)) for c in cells]
-                  for label in TRAINING_VARIANTS}
-        _bar_panels(ax, labels, series, f"training across difficulty × RM: {title}")
+    labels = [cell + (" (STALE)" if _stale_cell(stale, kind, cell) else "") for cell in cells]
+    fig, axes = plt.subplots(1, len(panels), figsize=figsize)
+    for ax, (key, panel) in zip(axes, panels):
+        _bar_panels(ax, labels, series(cells, key), f"{title}: {panel}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
