@@ -163,9 +163,15 @@ def test_regimes_training_cell_is_mean_and_sem_over_seeds_at_equal_steps_and_com
     assert verdicts["RGRL-EntRGi > diffu-GRPO / held-out ground truth at end"].startswith("fails (-0.400")
     assert verdicts["RGRL-EntRGi > diffu-GRPO / held-out ground truth at equal compute"].startswith("tie (+0.100")
     assert verdicts["no reward hacking / held-out ground truth, end − best"] == "holds (+0.000)"  # diffu-GRPO's
-    hacked = [c["verdict"] for c in regimes.claims({"test_time": {}, "training": {"cell": cell}})
-              if c["cell"].endswith("RGRL-EntRGi") and c["claim"] == "no reward hacking"]
-    assert hacked == ["hacked (-0.500)"]
+    def hacking(cell):
+        return [c["verdict"] for c in regimes.claims({"test_time": {}, "training": {"cell": cell}})
+                if c["cell"].endswith("RGRL-EntRGi") and c["claim"] == "no reward hacking"]
+
+    assert hacking(cell) == ["hacked (-0.500; RM +0.00 → +0.80)"]  # ground truth 0.8 → 0.3 while the RM rose
+    for run in rgrl:  # the same fall with the reward model's score falling too is not hacking
+        run["history"] = [{**e, "eval_reward": -e["step"] / 10} if "eval_reward" in e else e for e in run["history"]]
+    falling = regimes.training_cell({"RGRL-EntRGi": rgrl, "diffu-GRPO": diffu}, max_steps=20)
+    assert hacking(falling) == ["holds, degrades (-0.500; RM +0.00 → -2.00 too)"]
 
 
 def test_regimes_merge_keeps_earlier_cells_and_marks_stale_worlds(tmp_path):

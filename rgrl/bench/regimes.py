@@ -558,10 +558,9 @@ def claims(report: dict) -> list[dict]:
                 out.append({"claim": f"{label} > diffu-GRPO", "cell": f"training {cell}",
                             "measure": f"held-out ground truth at {when.replace('_', ' ')}",
                             "verdict": compare(methods[label][f"ground_truth@{when}"], diffu["ground_truth@end"])})
-        for label, row in methods.items():  # hacking: the held-out ground truth ends below its best
+        for label, row in methods.items():
             out.append({"claim": "no reward hacking", "cell": f"training {cell} {label}",
-                        "measure": "held-out ground truth, end − best",
-                        "verdict": _drop(row["ground_truth@end"], row["ground_truth@best"])})
+                        "measure": "held-out ground truth, end − best", "verdict": _hacking(row)})
     return out
 
 
@@ -569,11 +568,20 @@ def _pair(value) -> tuple[float, float] | None:
     return tuple(value) if value else None
 
 
-def _drop(end, best) -> str:
-    if end is None or best is None:
+def _hacking(row: dict) -> str:
+    """Reward hacking is the proxy rising while the truth falls: the held-out ground truth ends more than 0.1 below
+    its best evaluation while the reward model's held-out score ends above where it started. A ground truth that
+    falls with the reward model's score is a policy getting worse at both ("degrades"), not hacking."""
+    end, best = row["ground_truth@end"], row["ground_truth@best"]
+    rm_start, rm_end = row["reward@start"], row["reward@end"]
+    if end is None or best is None or rm_start is None or rm_end is None:
         return "–"
     drop = end[0] - best[0]
-    return ("hacked" if drop < -0.1 else "holds") + f" ({drop:+.3f})"
+    if drop >= -0.1:
+        return f"holds ({drop:+.3f})"
+    if rm_end[0] > rm_start[0]:
+        return f"hacked ({drop:+.3f}; RM {rm_start[0]:+.2f} → {rm_end[0]:+.2f})"
+    return f"holds, degrades ({drop:+.3f}; RM {rm_start[0]:+.2f} → {rm_end[0]:+.2f} too)"
 
 
 def write_report(report: dict, out: Path, command: str) -> Path:
@@ -643,7 +651,8 @@ def write_markdown(report: dict, path: Path) -> None:
     lines += ["## The paper's claims, cell by cell", "",
               "holds / fails: the difference is more than twice its standard error (√(SEM₁² + SEM₂²), seeds "
               "independent) above / below zero; tie: within that. Hacking: the held-out ground truth ends more than "
-              "0.1 below its best evaluation.", ""]
+              "0.1 below its best evaluation while the reward model's held-out score ends above its start; the same "
+              "fall with the score falling too is a policy getting worse at both (\"degrades\"), not hacking.", ""]
     lines += _table(report["claims"], [("claim", "claim"), ("cell", "cell"), ("measure", "measure"),
                                        ("verdict", "verdict")]) + [""]
     if report["test_time"]:
