@@ -158,6 +158,12 @@ def test_regimes_training_cell_is_mean_and_sem_over_seeds_at_equal_steps_and_com
     assert cell["RGRL-EntRGi"]["ground_truth@best"] == pytest.approx((0.8, sem(0.9, 0.7)))
     assert cell["diffu-GRPO"]["reward@end"] == pytest.approx((0.25, sem(0.2, 0.3)))
     assert cell["diffu-GRPO"]["training_reward"] == pytest.approx((0.5, 0.5))  # last 10 training rewards per seed
+    assert cell["diffu-GRPO"]["rollout_ground_truth@start"] is None  # these histories log no rollout ground truth
+    for run, passes in zip(rgrl, ([0.1] * 5 + [0.9] * 15, [0.3] * 20)):  # only the first ROLLOUT_STEPS (5) count
+        run["history"] = [{**e, "rewards/ground_truth/mean": passes[e["step"] - 1]} if "reward" in e else e
+                          for e in run["history"]]
+    with_rollouts = regimes.training_cell({"RGRL-EntRGi": rgrl, "diffu-GRPO": diffu}, max_steps=20)
+    assert with_rollouts["RGRL-EntRGi"]["rollout_ground_truth@start"] == pytest.approx((0.2, sem(0.1, 0.3)))
     verdicts = {c["claim"] + " / " + c["measure"]: c["verdict"]
                 for c in regimes.claims({"test_time": {}, "training": {"cell": cell}})}
     assert verdicts["RGRL-EntRGi > diffu-GRPO / held-out ground truth at end"].startswith("fails (-0.400")
