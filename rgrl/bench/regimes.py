@@ -675,7 +675,8 @@ def _bar_panels(ax, groups: list[str], series: dict[str, list], title: str) -> N
         means = [v[0] if v else float("nan") for v in values]
         sems = [v[1] if v and not math.isnan(v[1]) else 0.0 for v in values]
         ax.bar([g + i * width for g in range(len(groups))], means, width, yerr=sems, capsize=3, label=label)
-    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups, fontsize=8)
+    ax.set_xticks([g + 0.4 - width / 2 for g in range(len(groups))], groups, fontsize=8, rotation=35,
+                  ha="right", rotation_mode="anchor")  # a full grid has 12 training cells
     ax.set_title(title, fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=7)
